@@ -1,0 +1,98 @@
+"""create_app(): the Flask app with its blueprints, error handlers and the access log.
+
+Builds nothing slow and reads no files at import; the manager is passed in or built here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from proxy.app_context import ProxyContext
+from proxy.auth import Keys, load_keys
+from proxy.config import Config
+from proxy.errors import ProxyError, render_openai_error
+from proxy.manager import ModelManager, process_launcher
+from proxy.routes import admin, openai
+from proxy.upstream import Upstream
+
+access_log = logging.getLogger("proxy.access")
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def create_app(config: Config, manager: ModelManager | None = None, keys: Keys | None = None) -> Flask:
+    """Return the proxy's Flask app; the caller owns manager.shutdown()."""
+    app = Flask("proxy")
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
+    manager = manager or ModelManager(config, process_launcher(config))
+    keys = keys or load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
+    upstream = Upstream(
+        connect_timeout_s=config.proxy.connect_timeout_s,
+        read_timeout_s=config.proxy.read_timeout_s,
+        pool_size=config.proxy.threads,
+    )
+    app.extensions["proxy"] = ProxyContext(config, manager, upstream, keys, time.time())
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(admin.bp)
+
+    @app.errorhandler(ProxyError)
+    def proxy_error(error: ProxyError) -> Response:
+        return render_openai_error(error)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Response:
+        # Unknown routes, wrong methods, and the 500 Flask makes of an unexpected exception.
+        response = jsonify({"error": {"message": f"{error.name}: {error.description}", "type": "invalid_request_error"
+                                      if (error.code or 500) < 500 else "server_error", "code": error.code, "param": None}})
+        response.status_code = error.code or 500
+        return response
+
+    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]  # the documented way to wrap
+    return app
+
+
+class AccessLog:
+    """WSGI middleware writing one line per request when its body is finished (streams included)."""
+
+    def __init__(self, wrapped: WSGIApp) -> None:
+        self._wrapped = wrapped
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = time.monotonic()
+        status: list[str] = []
+
+        def record_status(status_line: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(status_line.split(" ", 1)[0])
+            return start_response(status_line, headers, exc_info)
+
+        body = self._wrapped(environ, record_status)
+        return _Counted(body, lambda sent: access_log.info(
+            "%s %s %s model=%s %.3fs %dB", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+            status[0] if status else "-", environ.get("proxy.model", "-"), time.monotonic() - started, sent))
+
+
+class _Counted:
+    def __init__(self, body: Iterable[bytes], done: Callable[[int], None]) -> None:
+        self._body = body
+        self._done = done
+        self._sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._body:
+            self._sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._done(self._sent)

@@ -1,0 +1,111 @@
+"""The one exception tree of the proxy and its two renderers (OpenAI and Ollama error shapes).
+
+Views raise these; each blueprint registers the renderer of its own dialect.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Response
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy answers with; carries the HTTP status and an error code."""
+
+    status = 500
+    code = "internal_error"
+    kind = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "invalid_request"
+    kind = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+    kind = "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+    kind = "permission_error"
+
+
+class UnknownModel(ProxyError):
+    status = 404
+    code = "model_not_found"
+    kind = "invalid_request_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+    kind = "invalid_request_error"
+
+
+class ModelBusy(ProxyError):
+    status = 503
+    code = "model_busy"
+    kind = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class BackendFailed(ProxyError):
+    status = 502
+    code = "backend_failed"
+    kind = "server_error"
+
+
+class BackendTimeout(ProxyError):
+    status = 504
+    code = "backend_timeout"
+    kind = "server_error"
+
+
+def openai_error_body(error: ProxyError) -> dict[str, Any]:
+    """Return the OpenAI error object for an error."""
+    return {"error": {"message": error.message, "type": error.kind, "code": error.code, "param": error.param}}
+
+
+def render_openai_error(error: ProxyError) -> "Response":
+    """Return a Flask response in OpenAI's error shape, with the error's status and headers."""
+    from flask import jsonify  # errors.py stays importable without Flask for pure modules
+
+    response = jsonify(openai_error_body(error))
+    response.status_code = error.status
+    response.headers.update(error.headers())
+    return response
+
+
+def ollama_error_body(error: ProxyError) -> dict[str, Any]:
+    """Return the Ollama error object for an error."""
+    return {"error": error.message}
+
+
+def sse_error_event(error: ProxyError) -> bytes:
+    """Return an in-band SSE error event, for errors after a stream's status is sent."""
+    return b"data: " + json.dumps(openai_error_body(error)).encode() + b"\n\n"

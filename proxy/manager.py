@@ -1,0 +1,525 @@
+"""ModelManager: every model's state, the leases requests hold, the FIFO swap queue, idle deadlines.
+
+The only writer of model state. One Condition guards every mutable field; slow work (spawning,
+readiness, stopping) happens outside it, by the thread that claimed the transition.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from proxy.backends import plan_launch
+from proxy.config import Config, ModelConfig
+from proxy.errors import BackendFailed, ModelBusy, ProxyError, UnknownModel
+from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, spawn
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+ExitCallback = Callable[[Any, int], None]
+
+
+class Backend(Protocol):
+    """What the manager needs of a running backend (supervisor.BackendProcess, or a test fake)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def wait_ready(self, probe: Any = None, timeout_s: float = ...) -> float: ...
+    def stop(self, grace_s: float) -> int | None: ...
+    def tail(self, lines: int = ...) -> str: ...
+
+
+Launch = Callable[[ModelConfig, ExitCallback], Backend]
+"""Spawn a model's backend and return at once; the manager then calls wait_ready()."""
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+_LOADED = (State.STARTING, State.READY, State.STOPPING)  # states that hold a slot (memory)
+
+
+class _Runtime:
+    """Mutable state of one model. Every field is guarded by ModelManager._cond."""
+
+    def __init__(self, model: ModelConfig, keep_alive_s: float) -> None:
+        self.model = model
+        self.state = State.STOPPED
+        self.process: Backend | None = None
+        self.generation = 0              # bumped by every load and unload; stale work is discarded
+        self.attempt = 0                 # start attempts; waiters of a failed one get its error
+        self.failed_attempt = -1
+        self.leases = 0
+        self.default_keep_alive_s = keep_alive_s
+        self.keep_alive_s = keep_alive_s
+        self.deadline = math.inf         # monotonic; meaningful when READY with no leases
+        self.last_used = 0.0
+        self.last_error: str | None = None
+        self.unloads_pending = 0         # admin unloads waiting for the leases to drain
+        self.ready_since: float | None = None
+        self.requests_served = 0
+
+
+class _Ticket:
+    """A request waiting for a lease, in arrival order."""
+
+    def __init__(self, name: str, keep_alive_s: float | None) -> None:
+        self.name = name
+        self.keep_alive_s = keep_alive_s
+        self.attempt_seen: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    name: str
+    state: str
+    pid: int | None
+    port: int | None
+    leases: int
+    queued: int
+    keep_alive_s: float
+    expires_at: datetime | None  # wall clock; None while in use or not loaded
+    ready_since: datetime | None
+    last_error: str | None
+    backend: str
+    requests_served: int
+
+
+class Lease:
+    """Permission to send requests to a ready model; release() exactly once (extra calls are no-ops)."""
+
+    def __init__(self, manager: ModelManager, runtime: _Runtime, generation: int, process: Backend) -> None:
+        self._manager = manager
+        self._runtime = runtime
+        self._generation = generation
+        self.model = runtime.model
+        self.base_url = process.base_url
+        self.headers = process.headers
+        self._released = False
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._manager._release(self._runtime, self._generation)
+
+
+class ModelManager:
+    def __init__(self, config: Config, launch: Launch, clock: Clock = time.monotonic) -> None:
+        self._config = config
+        self._launch = launch
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._models = {  # guarded by _cond (the dict is fixed; its values' fields are guarded)
+            name: _Runtime(model, config.idle_timeout_s(model)) for name, model in config.models.items()
+        }
+        self._queue: list[_Ticket] = []  # guarded by _cond
+        self._closed = False             # guarded by _cond
+        self._starting_threads = 0       # guarded by _cond: starts whose process may be unpublished
+        self._reaper_wake = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    # ----- requests ---------------------------------------------------------------------------
+
+    def acquire(self, name: str, keep_alive_s: float | None = None, timeout_s: float | None = None) -> Lease:
+        """Return a lease on a ready model, starting or swapping it in as needed.
+
+        Blocks up to timeout_s (default proxy.queue_timeout) and then raises ModelBusy. Raises
+        BackendFailed/BackendTimeout when the start this request waited for failed.
+        keep_alive_s None keeps the model's current idle duration.
+        """
+        if name not in self._models:
+            raise UnknownModel(f"model {name!r} is not configured")
+        wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
+        deadline = self._clock() + wait_s
+        ticket = _Ticket(name, keep_alive_s)
+        with self._cond:
+            self._queue.append(ticket)
+        try:
+            while True:
+                with self._cond:
+                    step = self._next_step(ticket, deadline, wait_s)
+                if isinstance(step, Lease):
+                    return step
+                step()  # a start or a stop this thread claimed; runs without the lock
+        finally:
+            with self._cond:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def _next_step(self, ticket: _Ticket, deadline: float, wait_s: float) -> Lease | Callable[[], None]:
+        """Under the lock: grant a lease, claim a transition to run, or wait. Raises on failure."""
+        runtime = self._models[ticket.name]
+        while True:
+            if self._closed:
+                raise ModelBusy("the proxy is shutting down", retry_after_s=10)
+            state = runtime.state
+            if state is State.READY and not self._is_draining(runtime):
+                return self._grant(runtime, ticket)
+            if state is State.STARTING:
+                ticket.attempt_seen = runtime.attempt  # join this start; its failure is ours
+            elif state is State.FAILED and ticket.attempt_seen == runtime.failed_attempt:
+                raise BackendFailed(runtime.last_error or f"{ticket.name}: failed to start")
+            elif state in (State.STOPPED, State.FAILED) and self._head() is ticket:
+                step = self._claim_slot_for(runtime, ticket)
+                if step is not None:
+                    return step
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise ModelBusy(
+                    f"{ticket.name}: not available within {wait_s:g}s (the model is {runtime.state.value}"
+                    f"{', waiting for another model to finish its requests' if state is not State.STARTING else ''}); "
+                    "try again later"
+                )
+            self._cond.wait(remaining)
+
+    def _grant(self, runtime: _Runtime, ticket: _Ticket) -> Lease:
+        assert runtime.process is not None
+        runtime.leases += 1
+        runtime.requests_served += 1
+        runtime.last_used = self._clock()
+        runtime.deadline = math.inf
+        if ticket.keep_alive_s is not None:  # the last request that sent one wins (Ollama)
+            runtime.keep_alive_s = ticket.keep_alive_s
+        return Lease(self, runtime, runtime.generation, runtime.process)
+
+    def _release(self, runtime: _Runtime, generation: int) -> None:
+        with self._cond:
+            if generation != runtime.generation:
+                return  # the process this lease was for has gone (crash, force unload)
+            runtime.leases -= 1
+            runtime.last_used = self._clock()
+            if runtime.leases == 0:  # the idle clock starts only now
+                runtime.deadline = runtime.last_used + runtime.keep_alive_s
+                self._reaper_wake.set()
+                self._cond.notify_all()  # a queued swap or unload may proceed
+
+    # ----- scheduling -------------------------------------------------------------------------
+
+    def _head(self) -> _Ticket | None:
+        """Return the oldest ticket whose model is not ready: the only one that may start a model."""
+        for ticket in self._queue:
+            if self._models[ticket.name].state is not State.READY:
+                return ticket
+        return None
+
+    def _victim(self) -> _Runtime | None:
+        """Return the model the head ticket must evict to get a slot, or None if none is needed yet."""
+        head = self._head()
+        if head is None or self._models[head.name].state not in (State.STOPPED, State.FAILED):
+            return None
+        loaded = [runtime for runtime in self._models.values() if runtime.state in _LOADED]
+        if len(loaded) < self._config.proxy.max_loaded_models:
+            return None
+        if any(runtime.state is not State.READY for runtime in loaded):
+            return None  # a start or stop is under way; decide when it is done
+        # FIFO: requests that arrived before the head are served first, so their models are spared
+        # until they hold their leases (then the victim drains them before it stops).
+        ahead = {ticket.name for ticket in self._queue[: self._queue.index(head)]}
+        candidates = [runtime for runtime in loaded if runtime.model.name not in ahead]
+        # Idle models first, least recently used first; a busy victim drains before it stops.
+        return min(candidates, key=lambda runtime: (runtime.leases > 0, runtime.last_used), default=None)
+
+    def _is_draining(self, runtime: _Runtime) -> bool:
+        """Say whether a ready model takes no new leases (an unload or a swap waits for it)."""
+        return runtime.unloads_pending > 0 or self._victim() is runtime
+
+    def _claim_slot_for(self, runtime: _Runtime, ticket: _Ticket) -> Callable[[], None] | None:
+        loaded = [other for other in self._models.values() if other.state in _LOADED]
+        if len(loaded) < self._config.proxy.max_loaded_models:
+            return self._claim_start(runtime, ticket)
+        victim = self._victim()
+        if victim is not None and victim.leases == 0:
+            return self._claim_stop(victim, reason=f"swap to {runtime.model.name}")
+        return None  # wait: the victim drains, or another transition finishes first
+
+    def _claim_start(self, runtime: _Runtime, ticket: _Ticket) -> Callable[[], None]:
+        runtime.generation += 1
+        runtime.attempt += 1
+        ticket.attempt_seen = runtime.attempt
+        runtime.keep_alive_s = runtime.default_keep_alive_s
+        self._set_state(runtime, State.STARTING)
+        self._starting_threads += 1
+        generation = runtime.generation
+        return lambda: self._start(runtime, generation)
+
+    def _claim_stop(self, runtime: _Runtime, reason: str, force: bool = False) -> Callable[[], None]:
+        process = runtime.process
+        runtime.generation += 1
+        runtime.leases = 0
+        generation = runtime.generation
+        self._set_state(runtime, State.STOPPING, reason=reason)
+        return lambda: self._stop(runtime, process, generation)
+
+    # ----- transitions (outside the lock) -------------------------------------------------------
+
+    def _start(self, runtime: _Runtime, generation: int) -> None:
+        model = runtime.model
+        started = time.monotonic()
+        process: Backend | None = None
+        published = False
+        try:
+            process = self._launch(model, lambda _process, code: self._on_exit(runtime, generation, code))
+            with self._cond:
+                self._starting_threads -= 1
+                published = True
+                stale = generation != runtime.generation
+                if not stale:
+                    runtime.process = process
+                self._cond.notify_all()
+            if stale:
+                raise BackendFailed(f"{model.name}: unloaded while starting")
+            process.wait_ready(timeout_s=self._config.startup_timeout_s(model))
+        except Exception as exc:  # any failure must leave STARTING, or the model is stuck there
+            if not isinstance(exc, ProxyError):
+                log.exception("model %s: unexpected error while starting", model.name)
+            error = exc if isinstance(exc, ProxyError) else BackendFailed(f"{model.name}: cannot start: {exc}")
+            if process is not None:
+                process.stop(self._config.proxy.stop_grace_s)
+            with self._cond:
+                if not published:
+                    self._starting_threads -= 1
+                if generation == runtime.generation:
+                    runtime.process = None
+                    runtime.last_error = error.message
+                    runtime.failed_attempt = runtime.attempt
+                    self._set_state(runtime, State.FAILED, reason=error.message)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            stale = generation != runtime.generation
+            if not stale:
+                runtime.last_error = None
+                runtime.ready_since = time.time()
+                runtime.deadline = math.inf
+                self._set_state(runtime, State.READY, reason=f"in {time.monotonic() - started:.2f}s")
+            self._cond.notify_all()
+        if stale:
+            process.stop(self._config.proxy.stop_grace_s)
+
+    def _stop(self, runtime: _Runtime, process: Backend | None, generation: int) -> None:
+        try:
+            if process is not None:
+                process.stop(self._config.proxy.stop_grace_s)
+        except Exception:  # the slot must not stay STOPPING forever; the error is in the log
+            log.exception("model %s: error while stopping pid %s", runtime.model.name, process and process.pid)
+        with self._cond:
+            if generation == runtime.generation:
+                runtime.process = None
+                runtime.ready_since = None
+                self._set_state(runtime, State.STOPPED)
+            self._cond.notify_all()
+
+    def _on_exit(self, runtime: _Runtime, generation: int, returncode: int) -> None:
+        """Called by the supervisor when a child exits; only acts on an unexpected exit while ready."""
+        with self._cond:
+            if generation != runtime.generation or runtime.state is not State.READY:
+                return  # a stop we asked for, or a start that will report its own failure
+            process = runtime.process
+            tail = process.tail(10) if process is not None else ""
+            runtime.generation += 1
+            runtime.leases = 0
+            runtime.process = None
+            runtime.ready_since = None
+            runtime.last_error = f"{runtime.model.name}: the backend exited unexpectedly (exit status {returncode})"
+            log.error("model %s: backend exited unexpectedly with status %s; last output:\n%s",
+                      runtime.model.name, returncode, tail)
+            self._set_state(runtime, State.STOPPED, reason="crashed")
+            self._cond.notify_all()
+
+    def _set_state(self, runtime: _Runtime, state: State, reason: str = "") -> None:
+        previous = runtime.state
+        runtime.state = state
+        level = logging.ERROR if state is State.FAILED else logging.INFO
+        log.log(level, "model %s: %s -> %s%s", runtime.model.name, previous.value, state.value,
+                f" ({reason})" if reason else "")
+
+    # ----- unloading ----------------------------------------------------------------------------
+
+    def expire_idle(self) -> float:
+        """Stop every model idle past its deadline; return seconds until the next deadline (inf: none).
+
+        Safe to call any time: everything is re-checked under the lock.
+        """
+        while True:
+            with self._cond:
+                now = self._clock()
+                due = [runtime for runtime in self._models.values()
+                       if runtime.state is State.READY and runtime.leases == 0 and runtime.deadline <= now]
+                if not due:
+                    upcoming = [runtime.deadline for runtime in self._models.values()
+                                if runtime.state is State.READY and runtime.leases == 0]
+                    return max(0.0, min(upcoming, default=math.inf) - now)
+                runtime = due[0]
+                reason = "keep_alive=0" if runtime.keep_alive_s == 0 else "idle"
+                step = self._claim_stop(runtime, reason=reason)
+            step()
+
+    def unload(self, name: str | None = None, *, force: bool = False, timeout_s: float | None = None) -> list[str]:
+        """Stop one model (or all); wait for their requests to finish unless force. Return those stopped.
+
+        Raises ModelBusy when requests are still running after timeout_s.
+        """
+        if name is not None and name not in self._models:
+            raise UnknownModel(f"model {name!r} is not configured")
+        wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
+        deadline = self._clock() + wait_s
+        targets = [self._models[name]] if name is not None else list(self._models.values())
+        stopped: list[str] = []
+        with self._cond:
+            for runtime in targets:
+                runtime.unloads_pending += 1
+        try:
+            for runtime in targets:
+                if self._unload_one(runtime, force, deadline, wait_s):
+                    stopped.append(runtime.model.name)
+        finally:
+            with self._cond:
+                for runtime in targets:
+                    runtime.unloads_pending -= 1
+                self._cond.notify_all()
+        return stopped
+
+    def _unload_one(self, runtime: _Runtime, force: bool, deadline: float, wait_s: float) -> bool:
+        did_stop = False
+        while True:
+            with self._cond:
+                state = runtime.state
+                if state in (State.STOPPED, State.FAILED):
+                    return did_stop
+                step = None
+                if state is State.READY and (force or runtime.leases == 0):
+                    step = self._claim_stop(runtime, reason="admin, forced" if force else "admin")
+                elif state is State.STARTING and force:
+                    step = self._claim_stop(runtime, reason="admin, forced")
+                if step is None:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        raise ModelBusy(f"{runtime.model.name}: still {state.value} with {runtime.leases} "
+                                        f"request(s) after {wait_s:g}s; use force to cut them")
+                    self._cond.wait(remaining)
+                    continue
+            step()
+            did_stop = True
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+
+    def start_reaper(self) -> None:
+        """Start the thread that unloads idle models when their deadlines pass."""
+        self._reaper = threading.Thread(target=self._reap_loop, name="idle-reaper", daemon=True)
+        self._reaper.start()
+
+    def _reap_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+            try:
+                wait_s = self.expire_idle()
+            except Exception:
+                log.exception("idle reaper: unexpected error")
+                wait_s = 1.0
+            self._reaper_wake.wait(min(wait_s, 60.0))
+            self._reaper_wake.clear()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, wake every waiter and stop every child. Blocks until they are reaped."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            steps = [self._claim_stop(runtime, reason="shutdown")
+                     for runtime in self._models.values() if runtime.state in _LOADED and runtime.process]
+            for runtime in self._models.values():
+                if runtime.state is State.STARTING:  # spawn not yet published: the starter stops it
+                    runtime.generation += 1
+        self._reaper_wake.set()
+        for step in steps:
+            step()
+        with self._cond:  # a start that was spawning sees the new generation and stops its child
+            self._cond.wait_for(lambda: self._starting_threads == 0, timeout=timeout_s)
+
+    # ----- views --------------------------------------------------------------------------------
+
+    def snapshot(self) -> list[ModelStatus]:
+        """Return every model's status (a consistent copy taken under the lock)."""
+        with self._cond:
+            now_mono = self._clock()
+            now_wall = datetime.now(timezone.utc)
+            queued: dict[str, int] = {}
+            for ticket in self._queue:
+                queued[ticket.name] = queued.get(ticket.name, 0) + 1
+            return [self._status(runtime, queued.get(name, 0), now_mono, now_wall)
+                    for name, runtime in self._models.items()]
+
+    def _status(self, runtime: _Runtime, queued: int, now_mono: float, now_wall: datetime) -> ModelStatus:
+        expires_at = None
+        if runtime.state is State.READY and runtime.leases == 0 and not math.isinf(runtime.deadline):
+            expires_at = now_wall + timedelta(seconds=max(0.0, runtime.deadline - now_mono))
+        process = runtime.process
+        return ModelStatus(
+            name=runtime.model.name,
+            state=runtime.state.value,
+            pid=process.pid if process is not None else None,
+            port=process.port if process is not None else None,
+            leases=runtime.leases,
+            queued=queued,
+            keep_alive_s=runtime.keep_alive_s,
+            expires_at=expires_at,
+            ready_since=datetime.fromtimestamp(runtime.ready_since, timezone.utc) if runtime.ready_since else None,
+            last_error=runtime.last_error,
+            backend=runtime.model.backend,
+            requests_served=runtime.requests_served,
+        )
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+
+def process_launcher(config: Config, registry: ChildRegistry | None = None) -> Launch:
+    """Return the real Launch: a port from the pool, the backend's plan, a supervised child."""
+    ports = PortPool(*config.proxy.backend_ports)
+    log_dir = config.proxy.state_dir / "logs"
+
+    def launch(model: ModelConfig, on_exit: ExitCallback) -> Backend:
+        port = ports.reserve()
+        try:
+            plan = plan_launch(model, config, port)
+        except BaseException:
+            ports.release(port)
+            raise
+
+        def exited(process: BackendProcess, returncode: int) -> None:
+            ports.release(port)
+            on_exit(process, returncode)
+
+        try:
+            return spawn(model.name, plan, log_dir=log_dir, on_exit=exited, registry=registry)
+        except BaseException:
+            ports.release(port)
+            raise
+
+    return launch

@@ -1,0 +1,101 @@
+"""The request pipeline both API dialects share: resolve the model, read keep_alive, apply the
+profile's template, take a lease and open the upstream request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import requests
+
+from proxy.config import Config, ModelConfig
+from proxy.durations import parse_keep_alive
+from proxy.errors import BadRequest, UnknownModel
+from proxy.manager import Lease, ModelManager
+from proxy.template import apply_template
+from proxy.upstream import Upstream
+
+MAX_MODEL_NAME = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    model: ModelConfig
+    body: dict[str, Any]       # what the backend receives
+    keep_alive_s: float | None
+    stream: bool
+
+
+def require_object(body: Any) -> dict[str, Any]:
+    """Return the JSON body if it is an object; raise BadRequest otherwise."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object" if body is not None else
+                         "the request body is missing or is not valid JSON")
+    return body
+
+
+def resolve_model(config: Config, requested: Any) -> ModelConfig:
+    """Return the profile a request names (or the default profile); 400/404 with the known names."""
+    if requested is None or requested == "":
+        if config.default_model is None:
+            raise BadRequest("model: required (no profile is marked default: true)", param="model")
+        return config.models[config.default_model]
+    if not isinstance(requested, str):
+        raise BadRequest(f"model: expected a string, got {type(requested).__name__}", param="model")
+    if len(requested) > MAX_MODEL_NAME or "\x00" in requested:
+        raise BadRequest("model: not a valid model name", param="model")
+    model = config.resolve_model(requested)
+    if model is None:
+        known = ", ".join(sorted(config.names)) or "none"
+        raise UnknownModel(f"model {requested!r} not found; configured models: {known}", param="model")
+    return model
+
+
+def pop_keep_alive(body: dict[str, Any]) -> float | None:
+    """Remove keep_alive (top level, inside options, or LM Studio's ttl) and return it in seconds."""
+    value, field = body.pop("keep_alive", None), "keep_alive"
+    options = body.get("options")
+    if isinstance(options, dict) and "keep_alive" in options:
+        options = dict(options)
+        nested = options.pop("keep_alive")
+        body["options"] = options
+        if value is None:
+            value, field = nested, "options.keep_alive"
+    ttl = body.pop("ttl", None)
+    if value is None and ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise BadRequest(f"ttl: expected seconds as a number, got {ttl!r}", param="ttl")
+        value, field = ttl, "ttl"
+    return None if value is None else parse_keep_alive(value, field=field)
+
+
+def prepare(config: Config, body: Any, kind: str, *, now: datetime | None = None) -> Prepared:
+    """Validate an OpenAI-shaped request and return what to send; kind: chat, completion, embedding."""
+    body = dict(require_object(body))
+    model = resolve_model(config, body.get("model"))
+    keep_alive_s = pop_keep_alive(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"stream: expected true or false, got {stream!r}", param="stream")
+    if kind == "chat" and "messages" not in body:
+        raise BadRequest("messages: required", param="messages")
+    if kind == "completion" and "prompt" not in body:
+        raise BadRequest("prompt: required", param="prompt")
+    if kind == "embedding" and "input" not in body:
+        raise BadRequest("input: required", param="input")
+    body = apply_template(body, model.template, kind, now or datetime.now().astimezone())
+    body["model"] = model.upstream_model
+    return Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=stream and kind != "embedding")
+
+
+def open_upstream(manager: ModelManager, upstream: Upstream, prepared: Prepared,
+                  path: str) -> tuple[Lease, requests.Response]:
+    """Take a lease on the model and send the request; the caller must release the lease."""
+    lease = manager.acquire(prepared.model.name, prepared.keep_alive_s)
+    try:
+        return lease, upstream.post(lease, path, prepared.body)
+    except BaseException:
+        lease.release()
+        raise

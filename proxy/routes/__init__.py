@@ -1,0 +1,1 @@
+"""HTTP routes, one blueprint per dialect: OpenAI (/v1), admin (/health, /status, /unload)."""

@@ -1,0 +1,81 @@
+"""Admin routes: /health (alive), /status (every model's state), /unload (admin key).
+
+State changes only through the manager's methods.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+import proxy
+from proxy.app_context import ProxyContext
+from proxy.errors import BadRequest, ProxyError, render_openai_error
+from proxy.manager import ModelStatus
+from proxy.pipeline import resolve_model
+
+bp = Blueprint("admin", __name__)
+
+
+@bp.errorhandler(ProxyError)
+def render_error(error: ProxyError) -> Response:
+    return render_openai_error(error)
+
+
+@bp.get("/health")
+def health() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/status")
+def status() -> Response:
+    context = ProxyContext.current()
+    return jsonify({
+        "version": proxy.__version__,
+        "uptime_s": round(time.time() - context.started_at, 3),
+        "max_loaded_models": context.config.proxy.max_loaded_models,
+        "models": [status_record(entry) for entry in context.manager.snapshot()],
+    })
+
+
+def status_record(entry: ModelStatus) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "backend": entry.backend,
+        "state": entry.state,
+        "pid": entry.pid,
+        "port": entry.port,
+        "leases": entry.leases,
+        "queued": entry.queued,
+        "keep_alive_s": None if math.isinf(entry.keep_alive_s) else entry.keep_alive_s,
+        "unloads": "never" if math.isinf(entry.keep_alive_s) else "after idle",
+        "expires_at": entry.expires_at.isoformat() if entry.expires_at else None,
+        "ready_since": entry.ready_since.isoformat() if entry.ready_since else None,
+        "requests_served": entry.requests_served,
+        "last_error": entry.last_error,
+    }
+
+
+@bp.route("/unload", methods=["GET", "POST"])
+def unload() -> Response:
+    context = ProxyContext.current()
+    context.keys.check(request.headers, admin=True)
+    body = request.get_json(force=True, silent=True) if request.method == "POST" and request.data else {}
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object like {\"model\": \"name\", \"force\": false}")
+    requested = request.args.get("model", body.get("model"))
+    force = _flag(request.args.get("force", body.get("force", False)))
+    name = None if requested in (None, "") else resolve_model(context.config, requested).name
+    stopped = context.manager.unload(name, force=force)
+    return jsonify({"unloaded": stopped})
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no", ""):
+        return value.lower() in ("1", "true", "yes")
+    raise BadRequest(f"force: expected true or false, got {value!r}", param="force")

@@ -1,0 +1,94 @@
+"""OpenAI routes (/v1/*): validate, lease, forward, relay. No dialect translation, no processes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from proxy.app_context import ProxyContext
+from proxy.errors import ProxyError, render_openai_error, sse_error_event
+from proxy.pipeline import open_upstream, prepare, resolve_model
+from proxy.streaming import relay
+
+bp = Blueprint("openai", __name__)
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@bp.before_request
+def require_key() -> None:
+    ProxyContext.current().keys.check(request.headers)
+
+
+@bp.errorhandler(ProxyError)
+def render_error(error: ProxyError) -> Response:
+    return render_openai_error(error)
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return forward("chat", "/v1/chat/completions")
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    return forward("completion", "/v1/completions")
+
+
+@bp.post("/v1/embeddings")
+def embeddings() -> Response:
+    return forward("embedding", "/v1/embeddings")
+
+
+@bp.get("/v1/models")
+def list_models() -> Response:
+    context = ProxyContext.current()
+    states = {status.name: status.state for status in context.manager.snapshot()}
+    return jsonify({"object": "list", "data": [model_card(context, name, states[name]) for name in context.config.models]})
+
+
+@bp.get("/v1/models/<path:name>")
+def get_model(name: str) -> Response:
+    context = ProxyContext.current()
+    model = resolve_model(context.config, name)
+    states = {status.name: status.state for status in context.manager.snapshot()}
+    return jsonify(model_card(context, model.name, states[model.name]))
+
+
+def model_card(context: ProxyContext, name: str, state: str) -> dict[str, Any]:
+    model = context.config.models[name]
+    return {"id": name, "object": "model", "created": int(context.started_at), "owned_by": "proxy",
+            "aliases": list(model.aliases), "backend": model.backend, "state": state, "loaded": state == "ready"}
+
+
+def forward(kind: str, path: str) -> Response:
+    context = ProxyContext.current()
+    prepared = prepare(context.config, request.get_json(force=True, silent=True), kind)
+    request.environ["proxy.model"] = prepared.model.name
+    lease, upstream_response = open_upstream(context.manager, context.upstream, prepared, path)
+    content_type = upstream_response.headers.get("Content-Type", "application/json")
+    if prepared.stream and upstream_response.status_code == 200 and content_type.startswith("text/event-stream"):
+        chunks = context.upstream.iter_body(lease, upstream_response)
+        return Response(relay(chunks, upstream_response.close, lease, sse_error_event),
+                        status=200, content_type=content_type, headers=STREAM_HEADERS)
+    try:
+        body = context.upstream.read(lease, upstream_response)
+    finally:
+        lease.release()
+    if upstream_response.status_code == 200 and prepared.model.upstream_model != prepared.model.name:
+        body = renamed(body, prepared.model.name)
+    return Response(body, status=upstream_response.status_code, content_type=content_type)
+
+
+def renamed(body: bytes, name: str) -> bytes:
+    """Return a JSON answer with `model` set to the name the client knows (backends use their own)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(answer, dict) and "model" in answer:
+        answer["model"] = name
+        return json.dumps(answer).encode()
+    return body

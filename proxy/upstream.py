@@ -1,0 +1,77 @@
+"""The HTTP client to backends: one pooled requests.Session, timeouts, and the one place where
+`requests` exceptions become ProxyErrors. Holds no leases and decides no swaps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from proxy.errors import BackendFailed, BackendTimeout
+from proxy.manager import Lease
+
+
+class Upstream:
+    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int) -> None:
+        self._timeouts = (connect_timeout_s, read_timeout_s)
+        self._http = requests.Session()
+        self._http.trust_env = False  # backends are on loopback: never through an HTTP(S)_PROXY
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
+        self._http.mount("http://", adapter)
+
+    def post(self, lease: Lease, path: str, body: Mapping[str, Any],
+             headers: Mapping[str, str] | None = None) -> requests.Response:
+        """Send a JSON body to the leased backend; return the response with its body unread."""
+        url = lease.base_url + path
+        try:
+            return self._http.post(
+                url,
+                data=json.dumps(body, separators=(",", ":")).encode(),
+                headers={"Content-Type": "application/json", **lease.headers, **(headers or {})},
+                stream=True,
+                timeout=self._timeouts,
+            )
+        except requests.Timeout as exc:
+            raise BackendTimeout(f"{lease.model_name}: no response within {self._timeouts[1]:g}s "
+                                 "(proxy.read_timeout)") from exc
+        except requests.RequestException as exc:
+            raise BackendFailed(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: "
+                                f"{_reason(exc)}") from exc
+
+    def read(self, lease: Lease, response: requests.Response) -> bytes:
+        """Return a whole response body; the connection goes back to the pool."""
+        try:
+            return response.content
+        except requests.RequestException as exc:
+            raise self._broken(lease, exc) from exc
+        finally:
+            response.close()
+
+    def iter_body(self, lease: Lease, response: requests.Response) -> Iterator[bytes]:
+        """Yield the body as the backend sends it (no line buffering); raise ProxyError if it breaks.
+
+        The read timeout bounds the gap between two chunks, so a silent backend cannot pin a lease.
+        """
+        try:
+            yield from response.iter_content(chunk_size=None)
+        except requests.RequestException as exc:
+            raise self._broken(lease, exc) from exc
+
+    def _broken(self, lease: Lease, exc: requests.RequestException) -> BackendFailed | BackendTimeout:
+        if isinstance(exc, requests.ConnectionError) and "timed out" in str(exc).lower():
+            return BackendTimeout(f"{lease.model_name}: the backend sent nothing for {self._timeouts[1]:g}s "
+                                  "(proxy.read_timeout)")
+        return BackendFailed(f"{lease.model_name}: the backend broke off its answer ({_reason(exc)}); "
+                             "it may have crashed; see /status")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc.__cause__ or exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."

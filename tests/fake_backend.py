@@ -1,0 +1,244 @@
+"""Fake OpenAI-compatible inference server for the proxy's test suite.
+
+Standard library only. The proxy under test launches it as a child process:
+
+    python tests/fake_backend.py --port 5123 --model fake-a [flags]
+
+It serves /health, /v1/models, /v1/model, /pid, /v1/chat/completions,
+/v1/completions and /v1/embeddings. Completion replies echo the request body
+(non-stream: "echo" key; stream: "echo" in the first event) so tests can check
+what the proxy forwarded. Flags simulate slow starts, start failures, slow or
+failing streams, SIGTERM-ignoring processes and API-key protection.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ARGS = None  # parsed command-line flags, set in main()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--startup-delay", type=float, default=0.0)
+    p.add_argument("--exit-during-startup", action="store_true")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--token-delay", type=float, default=0.0)
+    p.add_argument("--tokens", type=int, default=5)
+    p.add_argument("--error-after", type=int, default=-1)
+    p.add_argument("--api-key", default=None)
+    return p.parse_args(argv)
+
+
+class Server(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+def error_body(message, type_, code):
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeBackend/1.0"
+
+    def log_message(self, format, *args):
+        super().log_message(format, *args)
+        sys.stderr.flush()
+
+    # ---- helpers -------------------------------------------------------
+    def send_json(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def read_body(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # skip trailers
+                    break
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()  # CRLF after chunk data
+            return b"".join(parts)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def authorized(self):
+        key = ARGS.api_key
+        if not key:
+            return True
+        return (self.headers.get("Authorization", "") == f"Bearer {key}"
+                or self.headers.get("x-api-key", "") == key)
+
+    def write_chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def send_event(self, obj):
+        payload = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+        self.write_chunk(f"data: {payload}\n\n".encode())
+
+    # ---- routing -------------------------------------------------------
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            return self.send_json(200, {"status": "ok"})
+        if not self.authorized():
+            return self.send_json(401, error_body("Invalid API Key", "authentication_error", 401))
+        if path == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [
+                {"id": ARGS.model, "object": "model", "owned_by": "fake"}]})
+        if path == "/v1/model":
+            return self.send_json(200, {"id": ARGS.model, "object": "model"})
+        if path == "/pid":
+            return self.send_json(200, {"pid": os.getpid()})
+        self.send_json(404, error_body("not found", "not_found", 404))
+
+    def do_POST(self):
+        path = self.path.split("?", 1)[0]
+        raw = self.read_body()  # always drain the body to keep the connection usable
+        if path == "/health":
+            return self.send_json(200, {"status": "ok"})
+        if not self.authorized():
+            return self.send_json(401, error_body("Invalid API Key", "authentication_error", 401))
+        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            return self.send_json(404, error_body("not found", "not_found", 404))
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("body is not an object")
+        except ValueError:
+            return self.send_json(400, error_body("invalid JSON", "invalid_request_error", 400))
+        if path == "/v1/embeddings":
+            return self.embeddings(body)
+        chat = path == "/v1/chat/completions"
+        n = ARGS.tokens
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] < n:
+            n = max(body["max_tokens"], 0)
+        tokens = [f"tok{i} " for i in range(n)]
+        if body.get("stream") is True:
+            try:
+                self.stream(body, chat, tokens)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # client went away: stop quietly
+            return
+        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+        text = "".join(tokens)
+        if chat:
+            obj, choice = "chat.completion", {
+                "index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop"}
+        else:
+            obj, choice = "text_completion", {"index": 0, "text": text, "finish_reason": "stop"}
+        self.send_json(200, {"id": "chatcmpl-fake" if chat else "cmpl-fake", "object": obj,
+                             "created": int(time.time()), "model": ARGS.model,
+                             "choices": [choice], "usage": usage, "echo": body})
+
+    def do_other(self):
+        self.read_body()
+        self.send_json(404, error_body("not found", "not_found", 404))
+
+    do_PUT = do_DELETE = do_PATCH = do_other
+
+    def embeddings(self, body):
+        inp = body.get("input", "")
+        inputs = inp if isinstance(inp, list) else [inp]
+        self.send_json(200, {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                     for i in range(len(inputs))],
+            "model": ARGS.model,
+            "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    def stream(self, body, chat, tokens):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        created = int(time.time())
+        base = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": ARGS.model}
+
+        def chunk(delta_or_text, finish=None, **extra):
+            if chat:
+                choice = {"index": 0, "delta": delta_or_text, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_or_text, "finish_reason": finish}
+            return {**base, "choices": [choice], **extra}
+
+        first = True
+        if chat:
+            self.send_event(chunk({"role": "assistant", "content": ""}, echo=body))
+            first = False
+        for i, tok in enumerate(tokens):
+            if i == ARGS.error_after:
+                break
+            payload = chunk({"content": tok} if chat else tok)
+            if first:
+                payload["echo"], first = body, False
+            self.send_event(payload)
+            if ARGS.token_delay > 0:
+                time.sleep(ARGS.token_delay)
+        if 0 <= ARGS.error_after <= len(tokens):
+            if first:  # no event sent yet: still expose the echo
+                self.send_event({**base, "choices": [], "echo": body})
+            self.send_event(error_body("simulated failure", "server_error", 500))
+            self.write_chunk(b"")  # end the stream without [DONE]
+            return
+        self.send_event(chunk({} if chat else "", finish="stop",
+                              **({"echo": body} if first else {})))
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            n = len(tokens)
+            self.send_event({**base, "choices": [], "usage": {
+                "prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
+        self.send_event("[DONE]")
+        self.write_chunk(b"")
+
+
+def main(argv=None):
+    global ARGS
+    ARGS = parse_args(argv)
+
+    def on_signal(signum, frame):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # prompt exit even with streams open
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if ARGS.ignore_sigterm else on_signal)
+
+    if ARGS.startup_delay > 0:
+        time.sleep(ARGS.startup_delay)
+    if ARGS.exit_during_startup:
+        print("fatal: simulated start failure", file=sys.stderr, flush=True)
+        sys.exit(3)
+
+    server = Server(("127.0.0.1", ARGS.port), Handler)
+    print(f"listening 127.0.0.1:{ARGS.port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
