@@ -154,7 +154,7 @@ class ModelManager:
         if name not in self._models:
             raise UnknownModel(f"model {name!r} is not configured")
         wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
-        deadline = self._clock() + wait_s
+        deadline = time.monotonic() + wait_s  # waits use real time; the clock is for idle deadlines
         ticket = _Ticket(name, keep_alive_s)
         with self._cond:
             self._queue.append(ticket)
@@ -187,7 +187,7 @@ class ModelManager:
                 step = self._claim_slot_for(runtime, ticket)
                 if step is not None:
                     return step
-            remaining = deadline - self._clock()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelBusy(
                     f"{ticket.name}: not available within {wait_s:g}s (the model is {runtime.state.value}"
@@ -386,7 +386,7 @@ class ModelManager:
         if name is not None and name not in self._models:
             raise UnknownModel(f"model {name!r} is not configured")
         wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
-        deadline = self._clock() + wait_s
+        deadline = time.monotonic() + wait_s
         targets = [self._models[name]] if name is not None else list(self._models.values())
         stopped: list[str] = []
         with self._cond:
@@ -416,7 +416,7 @@ class ModelManager:
                 elif state is State.STARTING and force:
                     step = self._claim_stop(runtime, reason="admin, forced")
                 if step is None:
-                    remaining = deadline - self._clock()
+                    remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ModelBusy(f"{runtime.model.name}: still {state.value} with {runtime.leases} "
                                         f"request(s) after {wait_s:g}s; use force to cut them")

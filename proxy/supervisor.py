@@ -196,7 +196,8 @@ def _load_prctl() -> Callable[..., int] | None:
     if sys.platform != "linux":
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]  # ctypes is untyped
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
     except (OSError, AttributeError):
         return None
 
@@ -278,13 +279,15 @@ class ChildRegistry:
         try:
             recorded = json.loads(self._path.read_text())
         except (OSError, ValueError):
-            return []
+            recorded = {}
         reaped = []
-        for pid_text, entry in recorded.items():
+        for pid_text, entry in recorded.items() if isinstance(recorded, dict) else ():
+            ticks = entry.get("start_ticks") if isinstance(entry, dict) else None
+            if not str(pid_text).isdigit() or not isinstance(ticks, int):
+                continue  # not written by us: never signal on a guess
             pid = int(pid_text)
-            ticks = entry.get("start_ticks")
             # The same PID with the same start time is the same process, not a reused PID.
-            if ticks is None or process_start_ticks(pid) != ticks:
+            if process_start_ticks(pid) != ticks:
                 continue
             log.warning("stopping backend pid %d (model %s) left running by a previous proxy", pid, entry.get("model"))
             _stop_group(pid, grace_s)
