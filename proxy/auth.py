@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from werkzeug.datastructures import Headers as WerkzeugHeaders
 
 from proxy.config import ConfigError
 from proxy.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
+
+
+Headers = WerkzeugHeaders | Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +31,7 @@ class Keys:
     admin_keys: tuple[str, ...]
     disabled: bool = False
 
-    def check(self, headers: Mapping[str, str], *, admin: bool = False) -> None:
+    def check(self, headers: Headers, *, admin: bool = False) -> None:
         """Raise Unauthorized (no or unknown key) or Forbidden (an API key on an admin route)."""
         if self.disabled:
             return
@@ -42,9 +46,9 @@ class Keys:
             raise Forbidden("this route needs the admin key (admin_key in api_tokens.yml)")
 
 
-def presented_keys(headers: Mapping[str, str]) -> list[str]:
-    keys = [headers.get("x-admin-key", ""), headers.get("x-api-key", "")]
-    scheme, _, token = headers.get("Authorization", "").partition(" ")
+def presented_keys(headers: Headers) -> list[str]:
+    keys = [headers.get("x-admin-key", "") or "", headers.get("x-api-key", "") or ""]
+    scheme, _, token = (headers.get("Authorization", "") or "").partition(" ")
     if scheme.lower() == "bearer":
         keys.append(token.strip())
     return [key for key in keys if key]

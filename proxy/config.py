@@ -109,15 +109,12 @@ class ModelConfig:
     tabby: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     llamacpp: LlamaCppSettings | None = None
     command: CommandSettings | None = None
+    backend_model: str | None = None  # the id the backend knows it by, when not the name
 
     @property
     def upstream_model(self) -> str:
         """Return the model id the backend knows this model by."""
-        if self.backend == "tabbyapi":
-            return str(self.tabby.get("model", {}).get("model_name") or self.name)
-        if self.command is not None and self.command.model_id:
-            return self.command.model_id
-        return self.name
+        return self.backend_model or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +163,8 @@ def load_config(path: str | Path) -> Config:
         for name in (model.name, *model.aliases):
             owner = names.setdefault(name.lower(), model.name)
             if owner != model.name:
-                raise ConfigError(f"{model.source}: name {name!r} is already used by profile {owner!r}")
+                key = "aliases" if name in model.aliases else "the file name"
+                raise ConfigError(f"{model.source}: {key}: name {name!r} is already used by profile {owner!r}")
     defaults = [model.name for model in models.values() if model.is_default]
     if len(defaults) > 1:
         raise ConfigError(f"{proxy.profiles_dir}: more than one profile says default: true: {', '.join(defaults)}")
@@ -303,8 +301,15 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         state_dir=node.path("state_dir", base, defaults.state_dir) or base,
         disable_auth=node.get("disable_auth", bool, defaults.disable_auth),
         tabby_dir=tabby_dir,
-        tabby_python=node.get("tabby_python", str, None),
+        tabby_python=_program(node.get("tabby_python", str, None), base),
     )
+
+
+def _program(value: str | None, base: Path) -> str | None:
+    """Resolve a relative program path (one with a slash) against the config's folder."""
+    if value is None or "/" not in value:
+        return value
+    return str((base / Path(value).expanduser()).resolve())
 
 
 def _port_range(node: _Node, value: list[Any] | str) -> tuple[int, int]:
@@ -339,6 +344,14 @@ def _model_config(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConf
     for key, value in overrides.items():
         if not isinstance(value, Mapping):
             raise node.fail(key, f"expected a mapping (a TabbyAPI config section), got {value!r}")
+    command = _command(node.child("command"), base) if backend == "command" else None
+    backend_model = None
+    if backend == "tabbyapi":
+        # Only the profile names its TabbyAPI model: config.yml's model_name must not leak into
+        # every profile. Without one, the model folder is the profile's name.
+        backend_model = node.child("model").get("model_name", str, None)
+    elif command is not None:
+        backend_model = command.model_id
     return ModelConfig(
         name=name,
         backend=backend,
@@ -351,7 +364,8 @@ def _model_config(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConf
         template=_template(node.child("template")),
         tabby=MappingProxyType(deep_merge(tabby, overrides)),
         llamacpp=_llamacpp(node.child("llamacpp"), base) if backend == "llamacpp" else None,
-        command=_command(node.child("command"), base) if backend == "command" else None,
+        command=command,
+        backend_model=backend_model,
     )
 
 
@@ -400,7 +414,7 @@ def _command(node: _Node, base: Path) -> CommandSettings:
     if not all(isinstance(arg, str | int | float) for arg in argv):
         raise node.fail("cmd", f"expected strings, got {cmd!r}")
     if not any("${PORT}" in str(arg) for arg in argv):
-        raise node.fail("cmd", "must contain ${PORT}, the port the proxy chose for the server")
+        raise node.fail("cmd", f"must contain ${{PORT}}, the port the proxy chose for the server; got {cmd!r}")
     health = node.value.get("health_path", "/health")
     if health is not None and (not isinstance(health, str) or not (health.startswith("/") or health == "none")):
         raise node.fail("health_path", f'expected a path like "/health" or "none", got {health!r}')

@@ -11,8 +11,9 @@ import re
 from proxy.errors import BadRequest
 
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION = re.compile(r"([-+]?)((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)")
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits only, as Go's parser
+_PART = re.compile(rf"({_NUMBER})(ns|us|µs|μs|ms|s|m|h)")
+_DURATION = re.compile(rf"([-+]?)((?:{_NUMBER}(?:ns|us|µs|μs|ms|s|m|h))+)")
 
 
 def parse_keep_alive(value: object, *, field: str = "keep_alive") -> float:
@@ -31,7 +32,10 @@ def parse_keep_alive(value: object, *, field: str = "keep_alive") -> float:
     if isinstance(value, str):
         seconds = _seconds_from_string(value.strip(), field)
     else:
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond float range: longer than forever is forever
+            return math.inf
         if math.isnan(seconds):
             raise BadRequest(f"{field}: expected seconds or a duration like \"5m\", got NaN", param=field)
     return math.inf if seconds < 0 else seconds

@@ -74,6 +74,7 @@ class _Runtime:
         self.deadline = math.inf         # monotonic; meaningful when READY with no leases
         self.last_used = 0.0
         self.last_error: str | None = None
+        self.failure_type: type[ProxyError] = BackendFailed  # BackendTimeout when the start timed out
         self.unloads_pending = 0         # admin unloads waiting for the leases to drain
         self.ready_since: float | None = None
         self.requests_served = 0
@@ -182,7 +183,7 @@ class ModelManager:
             if state is State.STARTING:
                 ticket.attempt_seen = runtime.attempt  # join this start; its failure is ours
             elif state is State.FAILED and ticket.attempt_seen == runtime.failed_attempt:
-                raise BackendFailed(runtime.last_error or f"{ticket.name}: failed to start")
+                raise runtime.failure_type(runtime.last_error or f"{ticket.name}: failed to start")
             elif state in (State.STOPPED, State.FAILED) and self._head() is ticket:
                 step = self._claim_slot_for(runtime, ticket)
                 if step is not None:
@@ -305,6 +306,7 @@ class ModelManager:
                 if generation == runtime.generation:
                     runtime.process = None
                     runtime.last_error = error.message
+                    runtime.failure_type = type(error)
                     runtime.failed_attempt = runtime.attempt
                     self._set_state(runtime, State.FAILED, reason=error.message)
                 self._cond.notify_all()

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from proxy.errors import ProxyError
 
 log = logging.getLogger(__name__)
 
 
-class Releasable:
+class Releasable(Protocol):
     """Anything with an idempotent release() (a Lease)."""
 
     def release(self) -> None: ...

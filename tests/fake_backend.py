@@ -124,6 +124,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError("body is not an object")
         except ValueError:
             return self.send_json(400, error_body("invalid JSON", "invalid_request_error", 400))
+        if isinstance(body.get("fake_status"), int):  # tests ask for an upstream error status
+            status = body["fake_status"]
+            return self.send_json(status, error_body(f"fake error {status}", "invalid_request_error", status))
         if path == "/v1/embeddings":
             return self.embeddings(body)
         chat = path == "/v1/chat/completions"

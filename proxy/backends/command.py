@@ -6,6 +6,7 @@ Macros in the command, env and cwd: ${PORT}, ${HOST}, ${MODEL}, ${PYTHON}, ${CON
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from string import Template as Macro
 
 from proxy.backends import LaunchPlan, http_get, served_model_ids
@@ -49,7 +50,7 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
                                     f"not {expected!r}; is another server using that port?")
         return True
 
-    cwd = settings.cwd
+    cwd = Path(expand(str(settings.cwd))) if settings.cwd is not None else None
     return LaunchPlan(
         argv=argv,
         port=port,

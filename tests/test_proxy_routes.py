@@ -1,0 +1,230 @@
+"""The real proxy.py process in front of tests/fake_backend.py (the `command` kind): routes, auth,
+errors, template merging, streaming relay and backend failure modes the real server cannot show.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import API_KEY, FAKE_BACKEND, ProxyProcess, fake_profile
+
+Start = Callable[..., ProxyProcess]
+
+
+@pytest.fixture
+def proxy(start_proxy: Start) -> ProxyProcess:
+    return start_proxy({
+        "fake": fake_profile(
+            "--token-delay", "0.05", default=True, aliases=["fake-alias"], unload_timer=30,
+            template={"system": "Be brief.", "system_time": True, "temperature": 0.3, "max_tokens": 3, "top_k": 7},
+        ),
+        "renamed": {"backend": "command", "command": {
+            "cmd": ["${PYTHON}", str(FAKE_BACKEND), "--port", "${PORT}", "--model", "upstream-id"],
+            "model_id": "upstream-id"}},
+    })
+
+
+def test_open_routes_need_no_key_and_others_do(proxy: ProxyProcess) -> None:
+    plain = proxy.http
+    assert plain.get(proxy.url + "/health").json() == {"status": "ok"}
+    assert plain.get(proxy.url + "/status").status_code == 200
+    for path in ("/v1/models",):
+        response = plain.get(proxy.url + path)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    bad = plain.post(proxy.url + "/v1/chat/completions", json={"messages": []},
+                     headers={"Authorization": "Bearer wrong-key-123456"})
+    assert bad.status_code == 401 and "invalid API key" in bad.json()["error"]["message"]
+    spoofed = plain.get(proxy.url + "/v1/models", headers={"Host": "localhost"})
+    assert spoofed.status_code == 401  # the Host header never decides
+    assert plain.get(proxy.url + "/v1/models", headers={"x-api-key": API_KEY}).status_code == 200
+    assert proxy.backends() == []  # nothing was started for refused requests
+
+
+def test_models_list_shows_every_profile_and_its_state(proxy: ProxyProcess) -> None:
+    listing = proxy.get("/v1/models").json()
+    assert listing["object"] == "list"
+    assert {card["id"]: card["state"] for card in listing["data"]} == {"fake": "stopped", "renamed": "stopped"}
+    assert proxy.chat("fake").status_code == 200
+    card = proxy.get("/v1/models/fake-alias").json()
+    assert card["id"] == "fake" and card["loaded"] is True and card["aliases"] == ["fake-alias"]
+
+
+def test_template_defaults_and_keep_alive_are_merged_before_forwarding(proxy: ProxyProcess) -> None:
+    response = proxy.post("/v1/chat/completions", {
+        "model": "fake-alias:latest", "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.9, "keep_alive": "5m", "options": {"keep_alive": 3}, "ttl": 4,
+    })
+    assert response.status_code == 200, response.text
+    echo = response.json()["echo"]
+    assert echo["model"] == "fake"
+    assert echo["temperature"] == 0.9  # the request's own value wins
+    assert echo["max_tokens"] == 3 and echo["top_k"] == 7  # defaults fill the rest
+    assert "keep_alive" not in echo and "ttl" not in echo and echo.get("options") == {}
+    system = echo["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith("Be brief.")
+    assert "Current date and time:" in system["content"]
+    assert echo["messages"][1] == {"role": "user", "content": "hi"}
+
+    own_system = proxy.post("/v1/chat/completions", {"messages": [
+        {"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "hi"}]})
+    messages = own_system.json()["echo"]["messages"]
+    assert len(messages) == 2 and messages[0]["content"].startswith("Talk like a pirate.")
+
+
+def test_no_model_uses_the_default_profile(proxy: ProxyProcess) -> None:
+    response = proxy.post("/v1/completions", {"prompt": "x"})
+    assert response.status_code == 200
+    assert response.json()["echo"]["model"] == "fake" and response.json()["echo"]["max_tokens"] == 3
+
+
+def test_backend_model_id_is_renamed_to_the_public_name(proxy: ProxyProcess) -> None:
+    response = proxy.chat("renamed")
+    assert response.status_code == 200
+    assert response.json()["echo"]["model"] == "upstream-id"
+    assert response.json()["model"] == "renamed"
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ("{not json", 400, "not valid JSON"),
+    ("[1, 2]", 400, "JSON object"),
+    ({"model": "nope", "messages": []}, 404, "configured models: fake, fake-alias, renamed"),
+    ({"model": "../../etc/passwd", "messages": []}, 404, "not found"),
+    ({"model": "a" * 300, "messages": []}, 400, "model"),
+    ({"model": "bad\u0000name", "messages": []}, 400, "model"),
+    ({"model": 42, "messages": []}, 400, "model: expected a string"),
+    ({"model": "fake"}, 400, "messages: required"),
+    ({"model": "fake", "messages": "hi"}, 400, "messages"),
+    ({"model": "fake", "messages": [], "keep_alive": "soon"}, 400, "keep_alive"),
+    ({"model": "fake", "messages": [], "keep_alive": "300"}, 400, "keep_alive"),
+    ({"model": "fake", "messages": [], "options": {"keep_alive": True}}, 400, "options.keep_alive"),
+    ({"model": "fake", "messages": [], "stream": "yes"}, 400, "stream"),
+])
+def test_bad_input_is_a_clear_4xx_and_starts_nothing(proxy: ProxyProcess, body: Any, status: int,
+                                                     needle: str) -> None:
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = proxy.http.post(proxy.url + "/v1/chat/completions", data=data,
+                               headers={**proxy.headers(), "Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and set(error) == {"message", "type", "code", "param"}
+    assert proxy.backends() == []
+
+
+def test_unknown_route_and_method_answer_json(proxy: ProxyProcess) -> None:
+    missing = proxy.get("/v1/nothing")
+    assert missing.status_code == 404 and "error" in missing.json()
+    wrong = proxy.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_upstream_error_status_and_body_are_kept(proxy: ProxyProcess) -> None:
+    for status in (400, 422, 500):
+        response = proxy.chat("fake", fake_status=status)
+        assert response.status_code == status
+        assert response.json()["error"]["message"] == f"fake error {status}"
+    streamed = proxy.chat("fake", fake_status=400, stream=True)
+    assert streamed.status_code == 400 and streamed.json()["error"]["message"] == "fake error 400"
+
+
+def test_stream_chunks_leave_the_proxy_as_they_arrive(start_proxy: Start) -> None:
+    proxy = start_proxy({"slow": fake_profile("--token-delay", "0.25", "--tokens", "4")})
+    assert proxy.chat("slow").status_code == 200  # load first: time only the stream
+    started = time.monotonic()
+    response = proxy.chat("slow", stream=True)
+    arrivals = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: ") and b'"content":"tok' in line:
+            arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 4
+    assert arrivals[0] < 0.2  # the first token is not held back
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    assert all(0.15 < gap < 0.5 for gap in gaps), gaps  # each chunk is relayed when it is produced
+
+
+def test_in_stream_backend_error_reaches_the_client(start_proxy: Start) -> None:
+    proxy = start_proxy({"flaky": fake_profile("--error-after", "2")})
+    response = proxy.chat("flaky", stream=True)
+    events = [line for line in response.iter_lines() if line.startswith(b"data: ")]
+    assert b'"error"' in events[-1] and b"[DONE]" not in events[-1]
+    assert proxy.status("flaky")["leases"] == 0
+
+
+def test_backend_exit_during_start_is_a_502_with_its_output(start_proxy: Start) -> None:
+    proxy = start_proxy({"dies": fake_profile("--exit-during-startup", "--startup-delay", "0.2")})
+    response = proxy.chat("dies")
+    assert response.status_code == 502
+    message = response.json()["error"]["message"]
+    assert "dies" in message and "code 3" in message and "simulated start failure" in message
+
+
+def test_backend_not_ready_in_time_is_a_504_and_the_child_is_stopped(start_proxy: Start) -> None:
+    proxy = start_proxy({"slow-start": fake_profile("--startup-delay", "30", startup_timeout=1)})
+    started = time.monotonic()
+    holder: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: holder.setdefault("r", proxy.chat("slow-start")))
+    thread.start()
+    time.sleep(0.4)
+    proxy.backends()  # remember the child, to check the process table afterwards
+    thread.join(15)
+    response = holder["r"]
+    assert response.status_code == 504 and 1 <= time.monotonic() - started < 8
+    assert "startup_timeout" in response.json()["error"]["message"]
+    assert proxy.surviving_backends() == []
+
+
+def test_queue_timeout_is_a_503_with_retry_after(start_proxy: Start) -> None:
+    proxy = start_proxy({"one": fake_profile("--token-delay", "0.5", "--tokens", "6"), "two": fake_profile()},
+                        proxy={"queue_timeout": 1})
+    stream = proxy.chat("one", stream=True)
+    lines = stream.iter_lines()
+    next(lines)
+    started = time.monotonic()
+    busy = proxy.chat("two")
+    assert busy.status_code == 503 and busy.headers["Retry-After"]
+    assert busy.json()["error"]["code"] == "model_busy"
+    assert 0.9 < time.monotonic() - started < 3
+    assert b"[DONE]" in b"".join(lines)  # the running stream was never touched
+
+
+def test_backend_ignoring_sigterm_is_killed_after_the_grace_period(start_proxy: Start) -> None:
+    proxy = start_proxy({"stubborn": fake_profile("--ignore-sigterm")}, proxy={"stop_grace": 1})
+    assert proxy.chat("stubborn").status_code == 200
+    [backend] = proxy.backends()
+    started = time.monotonic()
+    assert proxy.get("/unload", admin=True).json() == {"unloaded": ["stubborn"]}
+    assert 0.9 < time.monotonic() - started < 5
+    assert proxy.surviving_backends() == []
+    assert not backend.is_running() or backend.status() == "zombie"
+
+
+def test_force_unload_cuts_a_running_stream(start_proxy: Start) -> None:
+    proxy = start_proxy({"long": fake_profile("--token-delay", "0.3", "--tokens", "20")})
+    stream = proxy.chat("long", stream=True)
+    lines = stream.iter_lines()
+    next(lines)
+    response = proxy.get("/unload?force=true", admin=True)
+    assert response.json() == {"unloaded": ["long"]}
+    rest = b"\n".join(lines)
+    assert b"[DONE]" not in rest and b'"error"' in rest
+    assert proxy.status("long")["state"] == "stopped"
+    bad = proxy.get("/unload?force=maybe", admin=True)
+    assert bad.status_code == 400 and "force" in bad.json()["error"]["message"]
+
+
+def test_status_reports_every_model(proxy: ProxyProcess) -> None:
+    assert proxy.chat("fake", keep_alive="10s").status_code == 200
+    status = proxy.http.get(proxy.url + "/status").json()
+    assert status["version"] and status["uptime_s"] >= 0 and status["max_loaded_models"] == 1
+    fake = next(model for model in status["models"] if model["name"] == "fake")
+    assert fake["state"] == "ready" and fake["pid"] and fake["port"] and fake["leases"] == 0
+    assert fake["keep_alive_s"] == 10 and fake["expires_at"] and fake["requests_served"] == 1
+    assert requests.get(f"http://127.0.0.1:{fake['port']}/pid", timeout=5).json()["pid"] == fake["pid"]
