@@ -17,7 +17,8 @@ import waitress
 from proxy.app import create_app
 from proxy.auth import load_keys
 from proxy.config import ConfigError, load_config
-from proxy.manager import ModelManager, process_launcher
+from proxy.manager import ModelManager, ProcessLauncher
+from proxy.reloader import Reloader
 from proxy.supervisor import ChildRegistry
 
 log = logging.getLogger("proxy")
@@ -43,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
     registry = ChildRegistry(config.proxy.state_dir / "backends.json")
     registry.reap_stale(config.proxy.stop_grace_s)  # before binding: a crashed proxy's children hold ports
-    manager = ModelManager(config, process_launcher(config, registry))
+    launcher = ProcessLauncher(config, registry)
+    manager = ModelManager(config, launcher)
     app = create_app(config, manager, keys)
+    reloader = Reloader(app.extensions["proxy"], launcher)
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
     try:
         manager.start_reaper()
+        reloader.start()
         log.info("serving %d model(s) on http://%s:%d (auth %s)", len(config.models), config.proxy.host,
                  config.proxy.port, "off" if config.proxy.disable_auth else f"on, keys in {config.proxy.api_tokens_path}")
         waitress.serve(app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads,
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        reloader.stop()
         manager.shutdown()
     return 0
 

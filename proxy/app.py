@@ -17,7 +17,7 @@ from proxy.app_context import ProxyContext
 from proxy.auth import Keys, load_keys
 from proxy.config import Config
 from proxy.errors import ProxyError, render_openai_error
-from proxy.manager import ModelManager, process_launcher
+from proxy.manager import ModelManager, ProcessLauncher
 from proxy.routes import admin, openai
 from proxy.upstream import Upstream
 
@@ -31,14 +31,14 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     """Return the proxy's Flask app; the caller owns manager.shutdown()."""
     app = Flask("proxy")
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
-    manager = manager or ModelManager(config, process_launcher(config))
+    manager = manager or ModelManager(config, ProcessLauncher(config))
     keys = keys or load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
     upstream = Upstream(
         connect_timeout_s=config.proxy.connect_timeout_s,
         read_timeout_s=config.proxy.read_timeout_s,
         pool_size=config.proxy.threads,
     )
-    app.extensions["proxy"] = ProxyContext(config, manager, upstream, keys, time.time())
+    app.extensions["proxy"] = ProxyContext(manager, upstream, keys, time.time())
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from flask import current_app
 
 from proxy.auth import Keys
@@ -12,13 +10,19 @@ from proxy.manager import ModelManager
 from proxy.upstream import Upstream
 
 
-@dataclass(frozen=True, slots=True)
 class ProxyContext:
-    config: Config
-    manager: ModelManager
-    upstream: Upstream
-    keys: Keys
-    started_at: float
+    """The manager, the upstream client and the keys; `keys` is replaced when api_tokens.yml changes."""
+
+    def __init__(self, manager: ModelManager, upstream: Upstream, keys: Keys, started_at: float) -> None:
+        self.manager = manager
+        self.upstream = upstream
+        self.keys = keys
+        self.started_at = started_at
+
+    @property
+    def config(self) -> Config:
+        """The current config (the manager owns it; a reload replaces it)."""
+        return self.manager.config
 
     @staticmethod
     def current() -> ProxyContext:

@@ -78,6 +78,8 @@ class _Runtime:
         self.unloads_pending = 0         # admin unloads waiting for the leases to drain
         self.ready_since: float | None = None
         self.requests_served = 0
+        self.replacement: ModelConfig | None = None  # a reloaded profile, used from the next start
+        self.removed = False             # its profile is gone: refuse requests, drop once stopped
 
 
 class _Ticket:
@@ -134,7 +136,7 @@ class ModelManager:
         self._launch = launch
         self._clock = clock
         self._cond = threading.Condition()
-        self._models = {  # guarded by _cond (the dict is fixed; its values' fields are guarded)
+        self._models = {  # guarded by _cond
             name: _Runtime(model, config.idle_timeout_s(model)) for name, model in config.models.items()
         }
         self._queue: list[_Ticket] = []  # guarded by _cond
@@ -152,13 +154,12 @@ class ModelManager:
         BackendFailed/BackendTimeout when the start this request waited for failed.
         keep_alive_s None keeps the model's current idle duration.
         """
-        if name not in self._models:
-            raise UnknownModel(f"model {name!r} is not configured")
-        wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + wait_s  # waits use real time; the clock is for idle deadlines
         ticket = _Ticket(name, keep_alive_s)
         with self._cond:
+            self._runtime(name)
+            wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
             self._queue.append(ticket)
+        deadline = time.monotonic() + wait_s  # waits use real time; the clock is for idle deadlines
         try:
             while True:
                 with self._cond:
@@ -173,10 +174,10 @@ class ModelManager:
 
     def _next_step(self, ticket: _Ticket, deadline: float, wait_s: float) -> Lease | Callable[[], None]:
         """Under the lock: grant a lease, claim a transition to run, or wait. Raises on failure."""
-        runtime = self._models[ticket.name]
         while True:
             if self._closed:
                 raise ModelBusy("the proxy is shutting down", retry_after_s=10)
+            runtime = self._runtime(ticket.name)
             state = runtime.state
             if state is State.READY and not self._is_draining(runtime):
                 return self._grant(runtime, ticket)
@@ -196,6 +197,12 @@ class ModelManager:
                     "try again later"
                 )
             self._cond.wait(remaining)
+
+    def _runtime(self, name: str) -> _Runtime:
+        runtime = self._models.get(name)
+        if runtime is None or runtime.removed:
+            raise UnknownModel(f"model {name!r} is not configured")
+        return runtime
 
     def _grant(self, runtime: _Runtime, ticket: _Ticket) -> Lease:
         assert runtime.process is not None
@@ -258,6 +265,7 @@ class ModelManager:
         return None  # wait: the victim drains, or another transition finishes first
 
     def _claim_start(self, runtime: _Runtime, ticket: _Ticket) -> Callable[[], None]:
+        self._adopt_replacement(runtime)
         runtime.generation += 1
         runtime.attempt += 1
         ticket.attempt_seen = runtime.attempt
@@ -309,6 +317,7 @@ class ModelManager:
                     runtime.failure_type = type(error)
                     runtime.failed_attempt = runtime.attempt
                     self._set_state(runtime, State.FAILED, reason=error.message)
+                    self._adopt_replacement(runtime)
                 self._cond.notify_all()
             return
         with self._cond:
@@ -333,6 +342,7 @@ class ModelManager:
                 runtime.process = None
                 runtime.ready_since = None
                 self._set_state(runtime, State.STOPPED)
+                self._adopt_replacement(runtime)
             self._cond.notify_all()
 
     def _on_exit(self, runtime: _Runtime, generation: int, returncode: int) -> None:
@@ -350,6 +360,7 @@ class ModelManager:
             log.error("model %s: backend exited unexpectedly with status %s; last output:\n%s",
                       runtime.model.name, returncode, tail)
             self._set_state(runtime, State.STOPPED, reason="crashed")
+            self._adopt_replacement(runtime)
             self._cond.notify_all()
 
     def _set_state(self, runtime: _Runtime, state: State, reason: str = "") -> None:
@@ -385,15 +396,15 @@ class ModelManager:
 
         Raises ModelBusy when requests are still running after timeout_s.
         """
-        if name is not None and name not in self._models:
-            raise UnknownModel(f"model {name!r} is not configured")
-        wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + wait_s
-        targets = [self._models[name]] if name is not None else list(self._models.values())
         stopped: list[str] = []
         with self._cond:
+            if name is not None and name not in self._models:
+                raise UnknownModel(f"model {name!r} is not configured")
+            targets = [self._models[name]] if name is not None else list(self._models.values())
+            wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
             for runtime in targets:
                 runtime.unloads_pending += 1
+        deadline = time.monotonic() + wait_s
         try:
             for runtime in targets:
                 if self._unload_one(runtime, force, deadline, wait_s):
@@ -426,6 +437,44 @@ class ModelManager:
                     continue
             step()
             did_stop = True
+
+    # ----- reloading ----------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> list[str]:
+        """Adopt a new config; return the names of models that must restart to apply it.
+
+        Unchanged models keep running. A changed profile applies from the model's next start;
+        a removed one refuses new requests. Both keep serving their in-flight requests: the
+        caller stops the returned models with unload(), which waits for them.
+        """
+        with self._cond:
+            self._config = config
+            restart = []
+            for name, runtime in self._models.items():
+                model = config.models.get(name)
+                if model is None:
+                    runtime.removed = True
+                elif model != runtime.model:
+                    runtime.replacement = model
+                runtime.default_keep_alive_s = config.idle_timeout_s(model or runtime.model)
+                if runtime.state in (State.STOPPED, State.FAILED):
+                    self._adopt_replacement(runtime)
+                elif model is None or runtime.replacement is not None:
+                    restart.append(name)
+            for name, model in config.models.items():
+                if name not in self._models:
+                    self._models[name] = _Runtime(model, config.idle_timeout_s(model))
+            self._cond.notify_all()  # waiters for removed models answer now
+            return restart
+
+    def _adopt_replacement(self, runtime: _Runtime) -> None:
+        """Apply a reloaded profile to a model that is not running (under the lock)."""
+        if runtime.removed and runtime.state in (State.STOPPED, State.FAILED):
+            self._models.pop(runtime.model.name, None)
+        elif runtime.replacement is not None:
+            runtime.model = runtime.replacement
+            runtime.replacement = None
+            runtime.keep_alive_s = runtime.default_keep_alive_s
 
     # ----- lifecycle ----------------------------------------------------------------------------
 
@@ -501,27 +550,29 @@ class ModelManager:
         return self._config
 
 
-def process_launcher(config: Config, registry: ChildRegistry | None = None) -> Launch:
-    """Return the real Launch: a port from the pool, the backend's plan, a supervised child."""
-    ports = PortPool(*config.proxy.backend_ports)
-    log_dir = config.proxy.state_dir / "logs"
+class ProcessLauncher:
+    """The real Launch: a port from the pool, the backend's plan, a supervised child.
 
-    def launch(model: ModelConfig, on_exit: ExitCallback) -> Backend:
-        port = ports.reserve()
-        try:
-            plan = plan_launch(model, config, port)
-        except BaseException:
-            ports.release(port)
-            raise
+    `config` is replaced on reload; the port pool stays (a new port range needs a restart).
+    """
+
+    def __init__(self, config: Config, registry: ChildRegistry | None = None) -> None:
+        self.config = config
+        self._ports = PortPool(*config.proxy.backend_ports)
+        self._registry = registry
+
+    def __call__(self, model: ModelConfig, on_exit: ExitCallback) -> Backend:
+        config = self.config
+        port = self._ports.reserve()
 
         def exited(process: BackendProcess, returncode: int) -> None:
-            ports.release(port)
+            self._ports.release(port)
             on_exit(process, returncode)
 
         try:
-            return spawn(model.name, plan, log_dir=log_dir, on_exit=exited, registry=registry)
+            plan = plan_launch(model, config, port)
+            return spawn(model.name, plan, log_dir=config.proxy.state_dir / "logs", on_exit=exited,
+                         registry=self._registry)
         except BaseException:
-            ports.release(port)
+            self._ports.release(port)
             raise
-
-    return launch

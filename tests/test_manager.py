@@ -6,6 +6,7 @@ Everything else (the state machine, leases, the queue, deadlines) is the real co
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -452,5 +453,41 @@ def test_reaper_thread_unloads_on_time(tmp_path: Path, launcher: FakeLauncher) -
         released = time.monotonic()
         wait_until(lambda: state(manager, "alpha") is State.STOPPED, timeout_s=3)
         assert 0.25 <= time.monotonic() - released < 1.0
+    finally:
+        manager.shutdown()
+
+
+# ----- reloading ----------------------------------------------------------------------------------
+
+def test_reload_keeps_unchanged_models_and_restarts_changed_ones_after_their_requests(
+        tmp_path: Path, launcher: FakeLauncher, clock: FakeClock) -> None:
+    manager = ModelManager(make_config(tmp_path, max_loaded=3, keep={}, change={}, drop={}), launcher, clock)
+    try:
+        for name in ("keep", "change", "drop"):
+            manager.acquire(name, timeout_s=5).release()
+        busy = manager.acquire("change", timeout_s=5)
+        shutil.rmtree(tmp_path / "model_configs")  # the same files, edited: drop removed, one changed
+        new = make_config(tmp_path, max_loaded=3, keep={}, change={"unload_timer": 7}, added={})
+
+        restart = manager.reload(new)
+        assert sorted(restart) == ["change", "drop"]
+        assert state(manager, "keep") is State.READY and launcher.count("keep") == 1
+        with pytest.raises(UnknownModel):
+            manager.acquire("drop", timeout_s=1)
+
+        thread, outcome = in_thread(lambda: manager.unload("change", timeout_s=5))
+        time.sleep(0.1)
+        assert "result" not in outcome  # the running request finishes on the old profile first
+        busy.release()
+        thread.join(5)
+        assert outcome["result"] == ["change"]
+        manager.unload("drop", timeout_s=5)
+        assert "drop" not in {status.name for status in manager.snapshot()}
+
+        manager.acquire("change", timeout_s=5).release()
+        assert launcher.last("change").model.unload_timer_s == 7  # the new profile applies
+        assert manager.config is new
+        manager.acquire("added", timeout_s=5).release()
+        assert state(manager, "added") is State.READY
     finally:
         manager.shutdown()

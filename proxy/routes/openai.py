@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from proxy.app_context import ProxyContext
+from proxy.config import ModelConfig
 from proxy.errors import ProxyError, render_openai_error, sse_error_event
 from proxy.pipeline import open_upstream, prepare, resolve_model
 from proxy.streaming import relay
@@ -45,21 +46,22 @@ def embeddings() -> Response:
 @bp.get("/v1/models")
 def list_models() -> Response:
     context = ProxyContext.current()
-    states = {status.name: status.state for status in context.manager.snapshot()}
-    return jsonify({"object": "list", "data": [model_card(context, name, states[name]) for name in context.config.models]})
+    config = context.config
+    cards = [model_card(context, config.models[entry.name], entry.state)
+             for entry in context.manager.snapshot() if entry.name in config.models]
+    return jsonify({"object": "list", "data": cards})
 
 
 @bp.get("/v1/models/<path:name>")
 def get_model(name: str) -> Response:
     context = ProxyContext.current()
     model = resolve_model(context.config, name)
-    states = {status.name: status.state for status in context.manager.snapshot()}
-    return jsonify(model_card(context, model.name, states[model.name]))
+    state = next((entry.state for entry in context.manager.snapshot() if entry.name == model.name), "stopped")
+    return jsonify(model_card(context, model, state))
 
 
-def model_card(context: ProxyContext, name: str, state: str) -> dict[str, Any]:
-    model = context.config.models[name]
-    return {"id": name, "object": "model", "created": int(context.started_at), "owned_by": "proxy",
+def model_card(context: ProxyContext, model: ModelConfig, state: str) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": int(context.started_at), "owned_by": "proxy",
             "aliases": list(model.aliases), "backend": model.backend, "state": state, "loaded": state == "ready"}
 
 

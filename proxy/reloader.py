@@ -1,0 +1,103 @@
+"""Live reload: on SIGHUP, or when config.yml, a profile or api_tokens.yml changes on disk, read the
+config again and apply it. Loaded models whose profile did not change keep running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+from proxy.app_context import ProxyContext
+from proxy.auth import load_keys
+from proxy.config import Config, ConfigError, load_config
+from proxy.manager import ProcessLauncher
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2.0
+RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir")
+
+
+class Reloader:
+    """A daemon thread that watches the config files and applies changes through the manager."""
+
+    def __init__(self, context: ProxyContext, launcher: ProcessLauncher | None, poll_s: float = POLL_S) -> None:
+        self._context = context
+        self._launcher = launcher
+        self._poll_s = poll_s
+        self._requested = threading.Event()
+        self._stopped = threading.Event()
+        self._seen = self._stamps(context.config)
+
+    def request(self) -> None:
+        """Ask for a reload (safe from a signal handler: it only sets an event)."""
+        self._requested.set()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="config-reloader", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._requested.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            asked = self._requested.wait(self._poll_s)
+            self._requested.clear()
+            if self._stopped.is_set():
+                return
+            try:
+                stamps = self._stamps(self._context.config)
+                if asked or stamps != self._seen:
+                    self._seen = stamps
+                    self.reload()
+            except Exception:
+                log.exception("config reload failed")
+
+    def reload(self) -> bool:
+        """Read the config and keys again and apply them; keep the old ones if they are invalid."""
+        old = self._context.config
+        try:
+            new = load_config(old.path)
+            keys = load_keys(new.proxy.api_tokens_path, disabled=new.proxy.disable_auth)
+        except ConfigError as exc:
+            log.error("config not reloaded, keeping the running one: %s", exc)
+            return False
+        new = _keep_restart_only_settings(old, new)
+        if self._launcher is not None:
+            self._launcher.config = new
+        self._context.keys = keys
+        restart = self._context.manager.reload(new)
+        log.info("config reloaded: %d model(s); restarting after their requests: %s",
+                 len(new.models), ", ".join(restart) or "none")
+        for name in restart:
+            try:
+                self._context.manager.unload(name, timeout_s=new.proxy.queue_timeout_s)
+            except Exception as exc:  # a model still busy keeps its old profile until it stops
+                log.warning("model %s: not restarted after reload: %s", name, exc)
+        return True
+
+    @staticmethod
+    def _stamps(config: Config) -> dict[Path, float]:
+        paths = [config.path, config.proxy.api_tokens_path]
+        if config.proxy.profiles_dir.is_dir():
+            paths += sorted(config.proxy.profiles_dir.glob("*.y*ml"))
+        stamps = {}
+        for path in paths:
+            try:
+                stamps[path] = path.stat().st_mtime
+            except OSError:
+                stamps[path] = -1.0
+        return stamps
+
+
+def _keep_restart_only_settings(old: Config, new: Config) -> Config:
+    """Return new with the settings that only a restart can change taken from old (and say so)."""
+    changed = [key for key in RESTART_KEYS if getattr(old.proxy, key) != getattr(new.proxy, key)]
+    if not changed:
+        return new
+    log.warning("proxy.%s changed: restart the proxy to apply", ", proxy.".join(changed))
+    kept = {key: getattr(old.proxy, key) for key in changed}
+    return dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, **kept))
