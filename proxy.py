@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("serving %d model(s) on http://%s:%d (auth %s)", len(config.models), config.proxy.host,
                  config.proxy.port, "off" if config.proxy.disable_auth else f"on, keys in {config.proxy.api_tokens_path}")
         waitress.serve(app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads,
-                       ident="model-proxy", send_bytes=1, channel_timeout=config.proxy.read_timeout_s + 60)
+                       ident="model-proxy", send_bytes=1,
+                       # > 0 lets waitress notice a client that leaves while its request waits
+                       channel_request_lookahead=1)
     except KeyboardInterrupt:
         pass
     finally:

@@ -61,6 +61,14 @@ class NotFound(ProxyError):
     kind = "invalid_request_error"
 
 
+class ClientGone(ProxyError):
+    """The client closed its connection while its request waited; nobody reads the answer."""
+
+    status = 499
+    code = "client_closed_request"
+    kind = "invalid_request_error"
+
+
 class ModelBusy(ProxyError):
     status = 503
     code = "model_busy"

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from proxy.backends import plan_launch
 from proxy.config import Config, ModelConfig
-from proxy.errors import BackendFailed, ModelBusy, ProxyError, UnknownModel
-from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, spawn
+from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, UnknownModel
+from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, describe_exit, spawn
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class Backend(Protocol):
     def stop(self, grace_s: float) -> int | None: ...
     def tail(self, lines: int = ...) -> str: ...
 
+
+Cancelled = Callable[[], bool]
+CANCEL_POLL_S = 0.5
 
 Launch = Callable[[ModelConfig, ExitCallback], Backend]
 """Spawn a model's backend and return at once; the manager then calls wait_ready()."""
@@ -85,9 +88,10 @@ class _Runtime:
 class _Ticket:
     """A request waiting for a lease, in arrival order."""
 
-    def __init__(self, name: str, keep_alive_s: float | None) -> None:
+    def __init__(self, name: str, keep_alive_s: float | None, cancelled: Cancelled | None = None) -> None:
         self.name = name
         self.keep_alive_s = keep_alive_s
+        self.cancelled = cancelled
         self.attempt_seen: int | None = None
 
 
@@ -147,14 +151,16 @@ class ModelManager:
 
     # ----- requests ---------------------------------------------------------------------------
 
-    def acquire(self, name: str, keep_alive_s: float | None = None, timeout_s: float | None = None) -> Lease:
+    def acquire(self, name: str, keep_alive_s: float | None = None, timeout_s: float | None = None,
+                cancelled: Cancelled | None = None) -> Lease:
         """Return a lease on a ready model, starting or swapping it in as needed.
 
         Blocks up to timeout_s (default proxy.queue_timeout) and then raises ModelBusy. Raises
-        BackendFailed/BackendTimeout when the start this request waited for failed.
-        keep_alive_s None keeps the model's current idle duration.
+        BackendFailed/BackendTimeout when the start this request waited for failed, and
+        ClientGone when `cancelled` says the client left while waiting (it leaves the queue, so
+        nothing is loaded for it). keep_alive_s None keeps the model's current idle duration.
         """
-        ticket = _Ticket(name, keep_alive_s)
+        ticket = _Ticket(name, keep_alive_s, cancelled)
         with self._cond:
             self._runtime(name)
             wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
@@ -196,6 +202,10 @@ class ModelManager:
                     f"{', waiting for another model to finish its requests' if state is not State.STARTING else ''}); "
                     "try again later"
                 )
+            if ticket.cancelled is not None:
+                if ticket.cancelled():
+                    raise ClientGone(f"{ticket.name}: the client closed the connection while waiting")
+                remaining = min(remaining, CANCEL_POLL_S)  # a disconnect wakes nobody: look again soon
             self._cond.wait(remaining)
 
     def _runtime(self, name: str) -> _Runtime:
@@ -332,16 +342,18 @@ class ModelManager:
             process.stop(self._config.proxy.stop_grace_s)
 
     def _stop(self, runtime: _Runtime, process: Backend | None, generation: int) -> None:
+        reason = ""
         try:
             if process is not None:
-                process.stop(self._config.proxy.stop_grace_s)
+                returncode = process.stop(self._config.proxy.stop_grace_s)
+                reason = f"pid {process.pid}: {describe_exit(returncode)}"
         except Exception:  # the slot must not stay STOPPING forever; the error is in the log
             log.exception("model %s: error while stopping pid %s", runtime.model.name, process and process.pid)
         with self._cond:
             if generation == runtime.generation:
                 runtime.process = None
                 runtime.ready_since = None
-                self._set_state(runtime, State.STOPPED)
+                self._set_state(runtime, State.STOPPED, reason=reason)
                 self._adopt_replacement(runtime)
             self._cond.notify_all()
 

@@ -13,7 +13,7 @@ import requests
 from proxy.config import Config, ModelConfig
 from proxy.durations import parse_keep_alive
 from proxy.errors import BadRequest, UnknownModel
-from proxy.manager import Lease, ModelManager
+from proxy.manager import Cancelled, Lease, ModelManager
 from proxy.template import apply_template
 from proxy.upstream import Upstream
 
@@ -90,10 +90,10 @@ def prepare(config: Config, body: Any, kind: str, *, now: datetime | None = None
     return Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=stream and kind != "embedding")
 
 
-def open_upstream(manager: ModelManager, upstream: Upstream, prepared: Prepared,
-                  path: str) -> tuple[Lease, requests.Response]:
+def open_upstream(manager: ModelManager, upstream: Upstream, prepared: Prepared, path: str,
+                  cancelled: Cancelled | None = None) -> tuple[Lease, requests.Response]:
     """Take a lease on the model and send the request; the caller must release the lease."""
-    lease = manager.acquire(prepared.model.name, prepared.keep_alive_s)
+    lease = manager.acquire(prepared.model.name, prepared.keep_alive_s, cancelled=cancelled)
     try:
         return lease, upstream.post(lease, path, prepared.body)
     except BaseException:

@@ -228,3 +228,18 @@ def test_status_reports_every_model(proxy: ProxyProcess) -> None:
     assert fake["state"] == "ready" and fake["pid"] and fake["port"] and fake["leases"] == 0
     assert fake["keep_alive_s"] == 10 and fake["expires_at"] and fake["requests_served"] == 1
     assert requests.get(f"http://127.0.0.1:{fake['port']}/pid", timeout=5).json()["pid"] == fake["pid"]
+
+
+def test_a_client_that_leaves_the_queue_loads_nothing(start_proxy: Start) -> None:
+    proxy = start_proxy({"one": fake_profile("--token-delay", "0.3", "--tokens", "8"), "two": fake_profile()})
+    stream = proxy.chat("one", stream=True)
+    lines = stream.iter_lines()
+    next(lines)
+    with pytest.raises(requests.Timeout):  # the client gives up and closes its connection
+        requests.post(proxy.url + "/v1/chat/completions", headers=proxy.headers(), timeout=0.5,
+                      json={"model": "two", "messages": [{"role": "user", "content": "hi"}]})
+    proxy.wait_for(lambda: proxy.status("two")["queued"] == 0, timeout_s=3, what="queue cleanup")
+    assert b"[DONE]" in b"".join(lines)
+    assert proxy.chat("one").status_code == 200
+    assert "model two: stopped -> starting" not in proxy.log()  # no swap for a client that left
+    assert "499" in proxy.log()

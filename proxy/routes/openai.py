@@ -69,7 +69,9 @@ def forward(kind: str, path: str) -> Response:
     context = ProxyContext.current()
     prepared = prepare(context.config, request.get_json(force=True, silent=True), kind)
     request.environ["proxy.model"] = prepared.model.name
-    lease, upstream_response = open_upstream(context.manager, context.upstream, prepared, path)
+    # waitress says whether the client is still there (proxy.py sets channel_request_lookahead)
+    cancelled = request.environ.get("waitress.client_disconnected")
+    lease, upstream_response = open_upstream(context.manager, context.upstream, prepared, path, cancelled)
     content_type = upstream_response.headers.get("Content-Type", "application/json")
     if prepared.stream and upstream_response.status_code == 200 and content_type.startswith("text/event-stream"):
         chunks = context.upstream.iter_body(lease, upstream_response)
