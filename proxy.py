@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
+    if not config.models:
+        log.warning("no model profiles in %s: every request will answer 404", config.proxy.profiles_dir)
     registry = ChildRegistry(config.proxy.state_dir / "backends.json")
     registry.reap_stale(config.proxy.stop_grace_s)  # before binding: a crashed proxy's children hold ports
     launcher = ProcessLauncher(config, registry)

@@ -49,9 +49,14 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         # Unknown routes, wrong methods, and the 500 Flask makes of an unexpected exception.
-        response = jsonify({"error": {"message": f"{error.name}: {error.description}", "type": "invalid_request_error"
-                                      if (error.code or 500) < 500 else "server_error", "code": error.code, "param": None}})
-        response.status_code = error.code or 500
+        status = error.code or 500
+        response = jsonify({"error": {
+            "message": f"{error.name}: {error.description}",
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "code": (error.name or "error").lower().replace(" ", "_"),
+            "param": None,
+        }})
+        response.status_code = status
         return response
 
     app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]  # the documented way to wrap

@@ -29,6 +29,8 @@ PROFILE_KEYS = frozenset(
 )
 TEMPLATE_TEXT_KEYS = frozenset({"system", "system_time", "system_time_format"})
 DEFAULT_TIME_FORMAT = "%A, %d %B %Y, %H:%M %Z"
+COMMAND_MACROS = ("PORT", "HOST", "MODEL", "PYTHON", "CONFIG_DIR")
+MACRO = re.compile(r"\$\{([^}]*)\}")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}")
 
@@ -89,7 +91,7 @@ class CommandSettings:
     argv: tuple[str, ...]
     health_path: str | None = "/health"
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    cwd: Path | None = None
+    cwd: str | None = None  # macros allowed; relative to config.yml's folder once expanded
     model_id: str | None = None
 
 
@@ -419,10 +421,17 @@ def _command(node: _Node, base: Path) -> CommandSettings:
     if health is not None and (not isinstance(health, str) or not (health.startswith("/") or health == "none")):
         raise node.fail("health_path", f'expected a path like "/health" or "none", got {health!r}')
     env = node.get("env", dict, {})
+    cwd = node.get("cwd", str, None)
+    for key, texts in (("cmd", argv), ("env", env.values()), ("cwd", [cwd] if cwd else [])):
+        for text in texts:
+            unknown = set(MACRO.findall(str(text))) - set(COMMAND_MACROS)
+            if unknown:
+                raise node.fail(key, f"unknown macro ${{{sorted(unknown)[0]}}} in {text!r}; known: "
+                                     + ", ".join("${" + name + "}" for name in COMMAND_MACROS))
     return CommandSettings(
         argv=tuple(str(arg) for arg in argv),
         health_path=None if health in (None, "none") else health,
         env=MappingProxyType({str(key): str(value) for key, value in env.items()}),
-        cwd=node.path("cwd", base, None),
+        cwd=cwd,
         model_id=node.get("model_id", str, None),
     )

@@ -55,12 +55,6 @@ class UnknownModel(ProxyError):
     kind = "invalid_request_error"
 
 
-class NotFound(ProxyError):
-    status = 404
-    code = "not_found"
-    kind = "invalid_request_error"
-
-
 class ClientGone(ProxyError):
     """The client closed its connection while its request waited; nobody reads the answer."""
 

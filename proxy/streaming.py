@@ -35,3 +35,11 @@ def relay(chunks: Iterator[bytes], close: Callable[[], None], lease: Releasable,
     finally:
         close()
         lease.release()
+
+
+def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) -> Iterator[bytes]:
+    """Yield chunks with byte strings replaced (e.g. a backend's model id by the public name)."""
+    for chunk in chunks:
+        for old, new in replacements:
+            chunk = chunk.replace(old, new)
+        yield chunk

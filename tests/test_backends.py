@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from proxy.backends import LaunchPlan, command, http_get, llamacpp, plan_launch, tabby
-from proxy.config import Config, LlamaCppSettings, ModelConfig, load_config
+from proxy.config import ConfigError, Config, LlamaCppSettings, ModelConfig, load_config
 from proxy.errors import BackendFailed
 from tests.conftest import FAKE_BACKEND, GGUF_FILE, fake_profile, free_port, write_config
 
@@ -243,19 +243,26 @@ def test_command_plan_splits_a_string_command(tmp_path: Path) -> None:
                                                       "fake x")
 
 
-@pytest.mark.parametrize(("cmd", "env"), [
-    (["serve", "--port", "${PORT}", "--gpu", "${GPU}"], {}),
-    (["serve", "--port", "${PORT}"], {"CUDA_VISIBLE_DEVICES": "${GPU}"}),
+@pytest.mark.parametrize(("cmd", "env", "key"), [
+    (["serve", "--port", "${PORT}", "--gpu", "${GPU}"], {}, "command.cmd"),
+    (["serve", "--port", "${PORT}"], {"CUDA_VISIBLE_DEVICES": "${GPU}"}, "command.env"),
 ])
-def test_command_plan_unknown_macro_is_backend_failed(tmp_path: Path, cmd: list[str], env: dict[str, str]) -> None:
-    config, model = command_config(tmp_path, "fake", {"cmd": cmd, "env": env})
+def test_command_unknown_macro_is_a_config_error(tmp_path: Path, cmd: list[str], env: dict[str, str],
+                                                 key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        command_config(tmp_path, "fake", {"cmd": cmd, "env": env})
 
-    with pytest.raises(BackendFailed) as caught:
-        command.plan(model, config, 5123)
+    message = str(caught.value)
+    assert "fake.yml" in message and key in message and "${GPU}" in message
+    assert "${PORT}" in message  # lists the known macros
 
-    assert "GPU" in caught.value.message
-    assert "fake" in caught.value.message
-    assert "${PORT}" in caught.value.message  # lists the known macros
+
+def test_command_keeps_plain_shell_variables_and_expands_cwd(tmp_path: Path) -> None:
+    config, model = command_config(tmp_path, "fake", {"cmd": ["sh", "-c", "serve --port ${PORT} --home $HOME"],
+                                                      "cwd": "${CONFIG_DIR}/work"})
+    plan = command.plan(model, config, 7001)
+    assert plan.argv[-1] == "serve --port 7001 --home $HOME"
+    assert plan.cwd == config.path.parent / "work"
 
 
 # ---- llamacpp -----------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkey
     gguf = config.models["gguf"].llamacpp
     assert gguf is not None and gguf.model_path == folder / "weights" / "m.gguf"
     command = config.models["cmd"].command
-    assert command is not None and command.cwd == folder / "work"
+    assert command is not None and command.cwd == "work"  # resolved at launch, after macros
     assert command.argv == ("server", "--port", "${PORT}")
     assert path.is_file()
 

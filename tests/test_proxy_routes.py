@@ -91,6 +91,11 @@ def test_backend_model_id_is_renamed_to_the_public_name(proxy: ProxyProcess) -> 
     assert response.status_code == 200
     assert response.json()["echo"]["model"] == "upstream-id"
     assert response.json()["model"] == "renamed"
+    streamed = proxy.chat("renamed", stream=True)
+    chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith(b"data: {")]
+    assert chunks and {chunk["model"] for chunk in chunks} == {"renamed"}
+    text = "".join((chunk["choices"][0].get("delta") or {}).get("content") or "" for chunk in chunks if chunk["choices"])
+    assert text == "tok0 tok1 tok2 tok3 tok4 "  # the content passes untouched
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
@@ -121,9 +126,9 @@ def test_bad_input_is_a_clear_4xx_and_starts_nothing(proxy: ProxyProcess, body: 
 
 def test_unknown_route_and_method_answer_json(proxy: ProxyProcess) -> None:
     missing = proxy.get("/v1/nothing")
-    assert missing.status_code == 404 and "error" in missing.json()
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = proxy.get("/v1/chat/completions")
-    assert wrong.status_code == 405 and "error" in wrong.json()
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_upstream_error_status_and_body_are_kept(proxy: ProxyProcess) -> None:

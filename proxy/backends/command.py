@@ -1,16 +1,16 @@
 """The `command` launcher: any OpenAI-compatible server started from a command line.
 
-Macros in the command, env and cwd: ${PORT}, ${HOST}, ${MODEL}, ${PYTHON}, ${CONFIG_DIR}.
+Macros in the command, env and cwd: ${PORT}, ${HOST}, ${MODEL}, ${PYTHON}, ${CONFIG_DIR};
+a relative cwd is relative to config.yml's folder.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from string import Template as Macro
 
 from proxy.backends import LaunchPlan, http_get, served_model_ids
-from proxy.config import Config, ModelConfig
+from proxy.config import MACRO, Config, ModelConfig
 from proxy.errors import BackendFailed
 
 
@@ -26,11 +26,8 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
     }
 
     def expand(text: str) -> str:
-        try:
-            return Macro(text).substitute(macros)
-        except (KeyError, ValueError) as exc:
-            raise BackendFailed(f"{model.name}: command: unknown macro in {text!r} ({exc}); "
-                                f"known: {', '.join('${' + name + '}' for name in macros)}") from None
+        # Only ${NAME} is ours (load_config checked the names); a plain $VAR stays for the program.
+        return MACRO.sub(lambda match: macros[match.group(1)], text)
 
     argv = tuple(expand(arg) for arg in settings.argv)
     health_path = settings.health_path
@@ -38,10 +35,12 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
 
     def probe() -> bool:
         if health_path is None:
-            return http_get(port, "/") is not None
-        answer = http_get(port, health_path)
-        if answer is None or answer[0] != 200:
-            return False
+            if http_get(port, "/") is None:
+                return False
+        else:
+            answer = http_get(port, health_path)
+            if answer is None or answer[0] != 200:
+                return False
         if expected is not None:
             listing = http_get(port, "/v1/models")
             served = served_model_ids(listing[1]) if listing and listing[0] == 200 else set()
@@ -50,7 +49,7 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
                                     f"not {expected!r}; is another server using that port?")
         return True
 
-    cwd = Path(expand(str(settings.cwd))) if settings.cwd is not None else None
+    cwd = config.path.parent / Path(expand(settings.cwd)).expanduser() if settings.cwd is not None else None
     return LaunchPlan(
         argv=argv,
         port=port,

@@ -11,7 +11,7 @@ from proxy.app_context import ProxyContext
 from proxy.config import ModelConfig
 from proxy.errors import ProxyError, render_openai_error, sse_error_event
 from proxy.pipeline import open_upstream, prepare, resolve_model
-from proxy.streaming import relay
+from proxy.streaming import relay, replacing
 
 bp = Blueprint("openai", __name__)
 
@@ -61,8 +61,11 @@ def get_model(name: str) -> Response:
 
 
 def model_card(context: ProxyContext, model: ModelConfig, state: str) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": int(context.started_at), "owned_by": "proxy",
+    card = {"id": model.name, "object": "model", "created": int(context.started_at), "owned_by": "proxy",
             "aliases": list(model.aliases), "backend": model.backend, "state": state, "loaded": state == "ready"}
+    if model.description:
+        card["description"] = model.description
+    return card
 
 
 def forward(kind: str, path: str) -> Response:
@@ -75,6 +78,8 @@ def forward(kind: str, path: str) -> Response:
     content_type = upstream_response.headers.get("Content-Type", "application/json")
     if prepared.stream and upstream_response.status_code == 200 and content_type.startswith("text/event-stream"):
         chunks = context.upstream.iter_body(lease, upstream_response)
+        if prepared.model.upstream_model != prepared.model.name:
+            chunks = replacing(chunks, model_field_replacements(prepared.model))
         return Response(relay(chunks, upstream_response.close, lease, sse_error_event),
                         status=200, content_type=content_type, headers=STREAM_HEADERS)
     try:
@@ -84,6 +89,12 @@ def forward(kind: str, path: str) -> Response:
     if upstream_response.status_code == 200 and prepared.model.upstream_model != prepared.model.name:
         body = renamed(body, prepared.model.name)
     return Response(body, status=upstream_response.status_code, content_type=content_type)
+
+
+def model_field_replacements(model: ModelConfig) -> list[tuple[bytes, bytes]]:
+    """Return the byte patterns that rename the backend's model id in SSE chunks (compact and spaced JSON)."""
+    old, new = json.dumps(model.upstream_model).encode(), json.dumps(model.name).encode()
+    return [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)]
 
 
 def renamed(body: bytes, name: str) -> bytes:
