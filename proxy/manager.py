@@ -183,6 +183,8 @@ class ModelManager:
         while True:
             if self._closed:
                 raise ModelBusy("the proxy is shutting down", retry_after_s=10)
+            if ticket.cancelled is not None and ticket.cancelled():
+                raise ClientGone(f"{ticket.name}: the client closed the connection while waiting")
             runtime = self._runtime(ticket.name)
             state = runtime.state
             if state is State.READY and not self._is_draining(runtime):
@@ -203,8 +205,6 @@ class ModelManager:
                     "try again later"
                 )
             if ticket.cancelled is not None:
-                if ticket.cancelled():
-                    raise ClientGone(f"{ticket.name}: the client closed the connection while waiting")
                 remaining = min(remaining, CANCEL_POLL_S)  # a disconnect wakes nobody: look again soon
             self._cond.wait(remaining)
 
@@ -335,7 +335,10 @@ class ModelManager:
             if not stale:
                 runtime.last_error = None
                 runtime.ready_since = time.time()
-                runtime.deadline = math.inf
+                # The idle clock runs until a waiter takes its lease, so a model loaded for
+                # clients that all left still unloads on time.
+                runtime.deadline = self._clock() + runtime.keep_alive_s
+                self._reaper_wake.set()
                 self._set_state(runtime, State.READY, reason=f"in {time.monotonic() - started:.2f}s")
             self._cond.notify_all()
         if stale:
@@ -402,6 +405,21 @@ class ModelManager:
                 reason = "keep_alive=0" if runtime.keep_alive_s == 0 else "idle"
                 step = self._claim_stop(runtime, reason=reason)
             step()
+
+    def unload_when_idle(self, name: str) -> bool:
+        """Set a model's keep_alive to 0 so it stops once no request uses it; return whether it was loaded.
+
+        Does not wait (Ollama's empty request with keep_alive 0). Raises UnknownModel.
+        """
+        with self._cond:
+            runtime = self._runtime(name)
+            if runtime.state not in (State.STARTING, State.READY):
+                return False
+            runtime.keep_alive_s = 0.0
+            if runtime.state is State.READY and runtime.leases == 0:
+                runtime.deadline = self._clock()
+            self._reaper_wake.set()
+            return True
 
     def unload(self, name: str | None = None, *, force: bool = False, timeout_s: float | None = None) -> list[str]:
         """Stop one model (or all); wait for their requests to finish unless force. Return those stopped.

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from proxy.config import Config, ModelConfig, load_config
-from proxy.errors import BackendFailed, BackendTimeout, ModelBusy, UnknownModel
+from proxy.errors import BackendFailed, BackendTimeout, ClientGone, ModelBusy, UnknownModel
 from proxy.manager import Lease, ModelManager, State
 from tests.conftest import fake_profile, write_config
 
@@ -491,3 +491,30 @@ def test_reload_keeps_unchanged_models_and_restarts_changed_ones_after_their_req
         assert state(manager, "added") is State.READY
     finally:
         manager.shutdown()
+
+
+def test_a_model_loaded_for_nobody_still_unloads_on_time(manager: ModelManager, launcher: FakeLauncher,
+                                                         clock: FakeClock) -> None:
+    gate = launcher.hold("alpha")
+    left = threading.Event()
+    thread, outcome = in_thread(lambda: manager.acquire("alpha", timeout_s=5, cancelled=left.is_set))
+    wait_until(lambda: launcher.count("alpha") == 1)
+    left.set()  # the client goes away while its model loads
+    gate.set()
+    thread.join(5)
+    assert isinstance(outcome.get("error"), ClientGone)
+    assert state(manager, "alpha") is State.READY
+    clock.advance(60)
+    manager.expire_idle()
+    assert state(manager, "alpha") is State.STOPPED
+
+
+def test_unload_when_idle_waits_for_the_running_request(manager: ModelManager, clock: FakeClock) -> None:
+    assert manager.unload_when_idle("alpha") is False  # not loaded: nothing to do
+    lease = manager.acquire("alpha", keep_alive_s=math.inf, timeout_s=5)
+    assert manager.unload_when_idle("alpha") is True
+    manager.expire_idle()
+    assert state(manager, "alpha") is State.READY
+    lease.release()
+    manager.expire_idle()
+    assert state(manager, "alpha") is State.STOPPED
