@@ -10,15 +10,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from proxy.app_context import ProxyContext
 from proxy.auth import Keys, load_keys
 from proxy.config import Config
-from proxy.errors import ProxyError, render_openai_error
+from proxy.errors import ProxyError, UpstreamError, render_ollama_error, render_openai_error
 from proxy.manager import ModelManager, ProcessLauncher
-from proxy.routes import admin, openai
+from proxy.routes import admin, ollama, openai
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -41,6 +41,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.extensions["proxy"] = ProxyContext(manager, upstream, keys, time.time())
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(ollama.bp)
 
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError) -> Response:
@@ -50,6 +51,8 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     def http_error(error: HTTPException) -> Response:
         # Unknown routes, wrong methods, and the 500 Flask makes of an unexpected exception.
         status = error.code or 500
+        if request.path.startswith("/api/"):  # Ollama's shape for Ollama's paths
+            return render_ollama_error(UpstreamError(status, f"{error.name}: {error.description}"))
         response = jsonify({"error": {
             "message": f"{error.name}: {error.description}",
             "type": "invalid_request_error" if status < 500 else "server_error",

@@ -25,9 +25,12 @@ TABBY_SECTIONS = (
 BACKEND_KINDS = ("tabbyapi", "llamacpp", "command")
 PROFILE_KEYS = frozenset(
     {"backend", "aliases", "default", "unload_timer", "startup_timeout", "template", "llamacpp", "command",
-     "description", *TABBY_SECTIONS}
+     "description", "details", "capabilities", "context_length", "license", *TABBY_SECTIONS}
 )
+CAPABILITIES = ("completion", "tools", "vision", "embedding", "insert", "thinking")
+DETAIL_KEYS = frozenset({"format", "family", "families", "parameter_size", "quantization_level", "size", "size_vram"})
 TEMPLATE_TEXT_KEYS = frozenset({"system", "system_time", "system_time_format"})
+DEFAULT_OLLAMA_VERSION = "0.12.6"  # what /api/version reports; clients enable features by it
 DEFAULT_TIME_FORMAT = "%A, %d %B %Y, %H:%M %Z"
 COMMAND_MACROS = ("PORT", "HOST", "MODEL", "PYTHON", "CONFIG_DIR")
 MACRO = re.compile(r"\$\{([^}]*)\}")
@@ -58,6 +61,20 @@ class ProxySettings:
     disable_auth: bool = False
     tabby_dir: Path | None = None
     tabby_python: str | None = None
+    ollama_version: str = DEFAULT_OLLAMA_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    """What Ollama clients are told about a model (/api/tags, /api/show, /api/ps)."""
+
+    format: str = ""
+    family: str = ""
+    families: tuple[str, ...] = ()
+    parameter_size: str = ""
+    quantization_level: str = ""
+    size: int | None = None        # bytes; None: measured from the model's files
+    size_vram: int | None = None   # bytes on the GPU; None: derived from the backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,10 @@ class ModelConfig:
     llamacpp: LlamaCppSettings | None = None
     command: CommandSettings | None = None
     backend_model: str | None = None  # the id the backend knows it by, when not the name
+    details: Details = field(default_factory=Details)
+    capabilities: tuple[str, ...] | None = None  # None: not declared, nothing is refused
+    context_length: int | None = None
+    license: str = ""
 
     @property
     def upstream_model(self) -> str:
@@ -275,7 +296,7 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
     node.reject_unknown({
         "host", "port", "threads", "unload_timer", "max_loaded_models", "startup_timeout", "stop_grace",
         "queue_timeout", "connect_timeout", "read_timeout", "backend_ports", "profiles_dir", "api_tokens",
-        "state_dir", "disable_auth", "tabby_dir", "tabby_python",
+        "state_dir", "disable_auth", "tabby_dir", "tabby_python", "ollama_version",
     })
     defaults = ProxySettings()
     port = node.get("port", int, defaults.port)
@@ -304,7 +325,15 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         disable_auth=node.get("disable_auth", bool, defaults.disable_auth),
         tabby_dir=tabby_dir,
         tabby_python=_program(node.get("tabby_python", str, None), base),
+        ollama_version=_semver(node),
     )
+
+
+def _semver(node: _Node) -> str:
+    version: str = node.get("ollama_version", str, DEFAULT_OLLAMA_VERSION)
+    if not re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", version):
+        raise node.fail("ollama_version", f'expected a plain version like "0.12.6" (clients parse it), got {version!r}')
+    return version
 
 
 def _program(value: str | None, base: Path) -> str | None:
@@ -347,6 +376,12 @@ def _model_config(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConf
         if not isinstance(value, Mapping):
             raise node.fail(key, f"expected a mapping (a TabbyAPI config section), got {value!r}")
     command = _command(node.child("command"), base) if backend == "command" else None
+    capabilities = node.get("capabilities", list, None)
+    if capabilities is not None and not set(capabilities) <= set(CAPABILITIES):
+        raise node.fail("capabilities", f"expected a list of {', '.join(CAPABILITIES)}, got {capabilities!r}")
+    context_length = node.value.get("context_length")
+    if context_length is not None:
+        context_length = node.positive("context_length", 1, integer=True)
     backend_model = None
     if backend == "tabbyapi":
         # Only the profile names its TabbyAPI model: config.yml's model_name must not leak into
@@ -368,6 +403,29 @@ def _model_config(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConf
         llamacpp=_llamacpp(node.child("llamacpp"), base) if backend == "llamacpp" else None,
         command=command,
         backend_model=backend_model,
+        details=_details(node.child("details")),
+        capabilities=None if capabilities is None else tuple(capabilities),
+        context_length=context_length,
+        license=node.get("license", str, ""),
+    )
+
+
+def _details(node: _Node) -> Details:
+    node.reject_unknown(DETAIL_KEYS)
+    families = node.get("families", list, None)
+    family = node.get("family", str, "")
+    sizes = {key: node.get(key, int, None) for key in ("size", "size_vram")}
+    for key, value in sizes.items():
+        if value is not None and value < 0:
+            raise node.fail(key, f"expected bytes (an integer >= 0), got {value!r}")
+    return Details(
+        format=node.get("format", str, ""),
+        family=family,
+        families=tuple(str(item) for item in families) if families is not None else ((family,) if family else ()),
+        parameter_size=str(node.get("parameter_size", (str, int, float), "")),
+        quantization_level=node.get("quantization_level", str, ""),
+        size=sizes["size"],
+        size_vram=sizes["size_vram"],
     )
 
 

@@ -76,6 +76,23 @@ class ModelBusy(ProxyError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class UpstreamError(ProxyError):
+    """A backend answered with an error status; Ollama routes pass it on in their own shape."""
+
+    kind = "server_error"
+    code = "upstream_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Unsupported(ProxyError):
+    status = 501
+    code = "not_supported"
+    kind = "invalid_request_error"
+
+
 class BackendFailed(ProxyError):
     status = 502
     code = "backend_failed"
@@ -106,6 +123,16 @@ def render_openai_error(error: ProxyError) -> "Response":
 def ollama_error_body(error: ProxyError) -> dict[str, Any]:
     """Return the Ollama error object for an error."""
     return {"error": error.message}
+
+
+def render_ollama_error(error: ProxyError) -> "Response":
+    """Return a Flask response in Ollama's error shape, with the error's status and headers."""
+    from flask import jsonify
+
+    response = jsonify(ollama_error_body(error))
+    response.status_code = error.status
+    response.headers.update(error.headers())
+    return response
 
 
 def sse_error_event(error: ProxyError) -> bytes:

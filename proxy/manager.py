@@ -121,6 +121,7 @@ class Lease:
         self.model = runtime.model
         self.base_url = process.base_url
         self.headers = process.headers
+        self.waited_s = 0.0  # how long the request waited for it (queue, swap, load)
         self._released = False
 
     @property
@@ -165,12 +166,14 @@ class ModelManager:
             self._runtime(name)
             wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
             self._queue.append(ticket)
-        deadline = time.monotonic() + wait_s  # waits use real time; the clock is for idle deadlines
+        started = time.monotonic()
+        deadline = started + wait_s  # waits use real time; the clock is for idle deadlines
         try:
             while True:
                 with self._cond:
                     step = self._next_step(ticket, deadline, wait_s)
                 if isinstance(step, Lease):
+                    step.waited_s = time.monotonic() - started
                     return step
                 step()  # a start or a stop this thread claimed; runs without the lock
         finally:

@@ -85,9 +85,15 @@ def prepare(config: Config, body: Any, kind: str, *, now: datetime | None = None
         raise BadRequest("prompt: required", param="prompt")
     if kind == "embedding" and "input" not in body:
         raise BadRequest("input: required", param="input")
+    return finish(model, body, kind, keep_alive_s, stream and kind != "embedding", now=now)
+
+
+def finish(model: ModelConfig, body: dict[str, Any], kind: str, keep_alive_s: float | None, stream: bool,
+           *, now: datetime | None = None) -> Prepared:
+    """Return what to send for a validated OpenAI-shaped body: the profile's template, the backend's id."""
     body = apply_template(body, model.template, kind, now or datetime.now().astimezone())
     body["model"] = model.upstream_model
-    return Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=stream and kind != "embedding")
+    return Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=stream)
 
 
 def open_upstream(manager: ModelManager, upstream: Upstream, prepared: Prepared, path: str,

@@ -5,9 +5,10 @@ Knows nothing of OpenAI or Ollama field names; the caller says how to frame an i
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from proxy.errors import ProxyError
 
@@ -43,3 +44,28 @@ def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) 
         for old, new in replacements:
             chunk = chunk.replace(old, new)
         yield chunk
+
+
+def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Yield the data of each server-sent event as it completes (LF or CRLF framing; comments skipped)."""
+    buffer = b""
+    for chunk in chunks:
+        buffer = (buffer + chunk).replace(b"\r\n", b"\n")
+        while (end := buffer.find(b"\n\n")) >= 0:
+            event, buffer = buffer[:end], buffer[end + 2:]
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    data = _event_data(buffer.strip(b"\n"))  # a last event the backend did not terminate
+    if data is not None:
+        yield data
+
+
+def _event_data(event: bytes) -> str | None:
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines).decode("utf-8", "replace") if lines else None
+
+
+def ndjson(record: Any) -> bytes:
+    """Return one NDJSON line: compact JSON and exactly one newline."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

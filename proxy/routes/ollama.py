@@ -1,0 +1,433 @@
+"""Ollama routes (/ and /api/*): HTTP glue around translate.py and the shared request pipeline.
+
+Streams are NDJSON, one record per token, always ending with a `done` record or an `{"error"}`
+line. The mapping itself lives in translate.py; the catalog in catalog.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import requests
+from flask import Blueprint, Response, jsonify, request
+
+from proxy.app_context import ProxyContext
+from proxy.catalog import catalog_for
+from proxy.config import ModelConfig
+from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
+from proxy.manager import Lease
+from proxy.pipeline import MAX_MODEL_NAME, finish, open_upstream, pop_keep_alive
+from proxy.streaming import ndjson, sse_data
+from proxy.upstream import Upstream
+from proxy.translate import (
+    NEVER_S,
+    Dialect,
+    OllamaStream,
+    error_message_from_upstream,
+    ollama_embeddings_from_openai,
+    ollama_name,
+    openai_chat_from_ollama,
+    openai_request_from_generate,
+    rfc3339_local,
+    rfc3339_ns,
+)
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ollama", __name__)
+
+OPEN_ENDPOINTS = frozenset({"ollama.root", "ollama.version"})
+NDJSON = "application/x-ndjson"
+PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
+# Template defaults are OpenAI fields; /api/show lists them under Ollama's option names.
+OLLAMA_PARAMETER_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty",
+                          "repeat_penalty": "repeat_penalty", "typical": "typical_p", "penalty_range": "repeat_last_n"}
+
+
+@bp.before_request
+def require_key() -> None:
+    if request.endpoint not in OPEN_ENDPOINTS:
+        ProxyContext.current().keys.check(request.headers)
+
+
+@bp.errorhandler(ProxyError)
+def render_error(error: ProxyError) -> Response:
+    return render_ollama_error(error)
+
+
+# ----- catalog --------------------------------------------------------------------------------------
+
+@bp.route("/", methods=["GET", "HEAD"])
+def root() -> Response:
+    return Response("Ollama is running", mimetype="text/plain")
+
+
+@bp.route("/api/version", methods=["GET", "HEAD"])
+def version() -> Response:
+    return jsonify({"version": ProxyContext.current().config.proxy.ollama_version})
+
+
+@bp.route("/api/tags", methods=["GET", "HEAD"])
+def tags() -> Response:
+    config = ProxyContext.current().config
+    catalog = catalog_for(config)
+    models = [entry.tag(ollama_name(name))
+              for entry in catalog.entries.values() for name in (entry.model.name, *entry.model.aliases)]
+    return jsonify({"models": models})
+
+
+@bp.post("/api/show")
+def show() -> Response:
+    context = ProxyContext.current()
+    model, _ = requested_model(request_body())
+    entry = catalog_for(context.config).entries[model.name]
+    parameters = parameter_lines(model, entry.context_length)
+    architecture = entry.details["family"] or "unknown"
+    model_info: dict[str, Any] = {"general.architecture": architecture}
+    if entry.context_length:
+        model_info[f"{architecture}.context_length"] = entry.context_length
+    template = ("{{ if .Suffix }}{{ .Prompt }}{{ .Suffix }}{{ else }}{{ .Prompt }}{{ end }}"
+                if "insert" in entry.capabilities else "{{ .Prompt }}")
+    system = model.template.system or ""
+    modelfile = "\n".join([f"FROM {model.name}", *(f"PARAMETER {line}" for line in parameters)]
+                          + ([f'SYSTEM """{system}"""'] if system else []))
+    return jsonify({
+        "modelfile": modelfile + "\n",
+        "parameters": "\n".join(parameters),
+        "template": template,
+        "system": system,
+        "license": model.license,
+        "details": entry.details,
+        "model_info": model_info,
+        "capabilities": list(entry.capabilities),
+        "modified_at": entry.modified_at,
+    })
+
+
+def parameter_lines(model: ModelConfig, context_length: int | None) -> list[str]:
+    """Return the profile's defaults as Ollama `key value` lines (num_ctx first; stop repeated)."""
+    lines = [f"{'num_ctx':<30} {context_length}"] if context_length else []
+    for key, value in model.template.defaults.items():
+        name = OLLAMA_PARAMETER_NAMES.get(key, key)
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{name:<30} {json.dumps(item) if isinstance(item, str) else item}")
+    return lines
+
+
+@bp.get("/api/ps")
+def ps() -> Response:
+    context = ProxyContext.current()
+    catalog = catalog_for(context.config)
+    now = datetime.now().astimezone()
+    running = []
+    for status in context.manager.snapshot():
+        entry = catalog.entries.get(status.name)
+        if entry is None or status.state not in ("starting", "ready"):
+            continue
+        if status.expires_at is not None:
+            expires = status.expires_at.astimezone()
+        else:  # in use or starting: Ollama shows now + duration (the timer starts when idle)
+            expires = now + timedelta(seconds=min(status.keep_alive_s, NEVER_S))
+        name = ollama_name(status.name)
+        running.append((expires, {
+            "name": name, "model": name, "size": entry.size, "digest": entry.digest, "details": entry.details,
+            "expires_at": rfc3339_local(expires), "size_vram": entry.size_vram,
+            "context_length": entry.context_length or 0,
+        }))
+    running.sort(key=lambda pair: pair[0], reverse=True)
+    return jsonify({"models": [record for _, record in running]})
+
+
+# ----- generation -----------------------------------------------------------------------------------
+
+@bp.post("/api/chat")
+def chat() -> Response:
+    started_ns = time.monotonic_ns()
+    body = request_body()
+    model, requested = requested_model(body)
+    keep_alive_s = pop_keep_alive(body)
+    stream = stream_flag(body)
+    if not body.get("messages"):  # empty or absent: Ollama's load/unload shortcut
+        return load_shortcut(model, requested, keep_alive_s, "chat")
+    require_capabilities(model, body, "chat")
+    openai_body = openai_chat_from_ollama(body, dialect(model), catalog_context(model))
+    return generate_answer(model, requested, "chat", "chat", openai_body, keep_alive_s, stream, body.get("think"),
+                           started_ns)
+
+
+@bp.post("/api/generate")
+def generate() -> Response:
+    started_ns = time.monotonic_ns()
+    body = request_body()
+    model, requested = requested_model(body)
+    keep_alive_s = pop_keep_alive(body)
+    stream = stream_flag(body)
+    if not body.get("prompt") and not body.get("suffix"):
+        return load_shortcut(model, requested, keep_alive_s, "generate")
+    require_capabilities(model, body, "generate")
+    kind, openai_body = openai_request_from_generate(body, dialect(model), catalog_context(model))
+    return generate_answer(model, requested, "generate", kind, openai_body, keep_alive_s, stream, body.get("think"),
+                           started_ns)
+
+
+def generate_answer(model: ModelConfig, requested: str, record_kind: Literal["chat", "generate"], kind: str,
+                    openai_body: dict[str, Any], keep_alive_s: float | None, stream: bool, think: object,
+                    started_ns: int) -> Response:
+    """Send the translated request upstream (always streaming, with usage) and answer in Ollama's shape."""
+    context = ProxyContext.current()
+    openai_body["stream"] = True  # one code path: non-streaming answers are aggregated here
+    openai_body["stream_options"] = {"include_usage": True}  # the done record's counts come from usage
+    prepared = finish(model, openai_body, kind, keep_alive_s, True)
+    request.environ["proxy.model"] = model.name
+    lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS[kind],
+                                    request.environ.get("waitress.client_disconnected"))
+    translator = OllamaStream(model=requested, kind=record_kind, think=think, started_ns=started_ns)
+    load_ns = int(lease.waited_s * 1e9)
+    try:
+        check_upstream_status(lease, upstream)
+        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        if not is_sse:  # a backend that ignored "stream": take its whole answer
+            translator.feed_response(json.loads(context.upstream.read(lease, upstream)), time.monotonic_ns())
+    except BaseException:
+        upstream.close()
+        lease.release()
+        raise
+    if stream:
+        records = stream_records(context.upstream, lease, upstream, translator, load_ns, is_sse)
+        return Response(records, mimetype=NDJSON)
+    try:
+        if is_sse:
+            for event in chunk_events(context.upstream, lease, upstream):
+                translator.feed(event, time.monotonic_ns(), time.time_ns())
+        answer = translator.aggregate(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns())
+    except ValueError as exc:  # a tool call the backend garbled
+        raise UpstreamError(502, f"{model.name}: {exc}") from exc
+    finally:
+        upstream.close()
+        lease.release()
+    return jsonify(answer)
+
+
+def stream_records(client: Upstream, lease: Lease, upstream: requests.Response, translator: OllamaStream,
+                   load_ns: int, is_sse: bool) -> Iterator[bytes]:
+    """Yield NDJSON records as tokens arrive; end with the done record, or one error line.
+
+    Runs after the view returned (outside the request context): everything it needs is passed in.
+    """
+    try:
+        if is_sse:
+            for event in chunk_events(client, lease, upstream):
+                for record in translator.feed(event, time.monotonic_ns(), time.time_ns()):
+                    yield ndjson(record)
+        for record in translator.final(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns()):
+            yield ndjson(record)
+    except (ProxyError, ValueError) as exc:
+        message = exc.message if isinstance(exc, ProxyError) else f"{lease.model_name}: {exc}"
+        log.warning("model %s: stream ended with an error: %s", lease.model_name, message)
+        yield ndjson({"error": message})
+    finally:
+        upstream.close()
+        lease.release()
+
+
+def chunk_events(client: Upstream, lease: Lease, upstream: requests.Response) -> Iterator[dict[str, Any]]:
+    """Yield the backend's stream chunks as objects; raise UpstreamError for an in-band error."""
+    for data in sse_data(client.iter_body(lease, upstream)):
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            continue  # not JSON: nothing of ours
+        if isinstance(event, dict) and "error" in event:
+            raise UpstreamError(502, f"{lease.model_name}: {error_message_from_upstream(data.encode(), 200)}")
+        if isinstance(event, dict):
+            yield event
+
+
+def check_upstream_status(lease: Lease, upstream: requests.Response) -> None:
+    """Raise the backend's error with its status (message prefixed with the model for 5xx)."""
+    if upstream.status_code == 200:
+        return
+    context = ProxyContext.current()
+    message = error_message_from_upstream(context.upstream.read(lease, upstream), upstream.status_code)
+    raise UpstreamError(upstream.status_code,
+                        f"{lease.model_name}: {message}" if upstream.status_code >= 500 else message)
+
+
+def load_shortcut(model: ModelConfig, requested: str, keep_alive_s: float | None, kind: str) -> Response:
+    """Ollama's empty request: load the model (or, with keep_alive 0, unload it) and say which."""
+    manager = ProxyContext.current().manager
+    if keep_alive_s == 0:
+        manager.unload_when_idle(model.name)  # never loads first; stops once its requests end
+        reason = "unload"
+    else:
+        manager.acquire(model.name, keep_alive_s, cancelled=request.environ.get("waitress.client_disconnected")).release()
+        reason = "load"
+    record: dict[str, Any] = {"model": requested, "created_at": rfc3339_ns(time.time_ns())}
+    if kind == "chat":
+        record["message"] = {"role": "assistant", "content": ""}
+    elif kind == "generate":
+        record["response"] = ""
+    record.update(done=True, done_reason=reason)
+    return jsonify(record)
+
+
+# ----- embeddings -----------------------------------------------------------------------------------
+
+@bp.post("/api/embed")
+def embed() -> Response:
+    started_ns = time.monotonic_ns()
+    body = request_body()
+    model, requested = requested_model(body)
+    keep_alive_s = pop_keep_alive(body)
+    given = body.get("input")
+    if given in (None, "", []):
+        load_shortcut(model, requested, keep_alive_s, "embed")
+        return jsonify({"model": requested, "embeddings": []})
+    if not isinstance(given, str) and not (isinstance(given, list) and all(isinstance(item, str) for item in given)):
+        raise BadRequest("invalid input type")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise BadRequest("dimensions: expected a positive integer")
+    require_capabilities(model, body, "embed")
+    answer, lease = fetch_embeddings(model, given, keep_alive_s)
+    usage = answer.get("usage") or {}
+    return jsonify({
+        "model": requested,
+        "embeddings": ollama_embeddings_from_openai(answer, dimensions=dimensions),
+        "total_duration": max(1, time.monotonic_ns() - started_ns),
+        "load_duration": max(1, int(lease.waited_s * 1e9)),
+        "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+    })
+
+
+@bp.post("/api/embeddings")
+def embeddings() -> Response:
+    body = request_body()
+    model, requested = requested_model(body)
+    keep_alive_s = pop_keep_alive(body)
+    prompt = body.get("prompt")
+    if not prompt:
+        load_shortcut(model, requested, keep_alive_s, "embeddings")
+        return jsonify({"embedding": []})
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt: expected a string")
+    require_capabilities(model, body, "embed")
+    answer, _ = fetch_embeddings(model, prompt, keep_alive_s)
+    vectors = ollama_embeddings_from_openai(answer, normalize=False)  # the legacy route never normalised
+    return jsonify({"embedding": vectors[0] if vectors else []})
+
+
+def fetch_embeddings(model: ModelConfig, given: str | list[str], keep_alive_s: float | None) -> tuple[dict[str, Any], Lease]:
+    context = ProxyContext.current()
+    prepared = finish(model, {"input": given}, "embedding", keep_alive_s, False)
+    request.environ["proxy.model"] = model.name
+    lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS["embedding"],
+                                    request.environ.get("waitress.client_disconnected"))
+    try:
+        check_upstream_status(lease, upstream)
+        answer = json.loads(context.upstream.read(lease, upstream))
+    except ValueError as exc:
+        raise UpstreamError(502, f"{model.name}: the backend's embeddings are not JSON") from exc
+    finally:
+        upstream.close()
+        lease.release()
+    return answer, lease
+
+
+# ----- model files: this server does not manage them ------------------------------------------------
+
+@bp.post("/api/pull")
+def pull() -> Response:
+    body = request_body()
+    requested_model(body)  # 404 for unknown models, before any line
+    if stream_flag(body):
+        return Response(ndjson({"status": "pulling manifest"}) + ndjson({"status": "success"}), mimetype=NDJSON)
+    return jsonify({"status": "success"})
+
+
+@bp.route("/api/delete", methods=["DELETE"])
+def delete() -> Response:
+    raise Forbidden("deleting models is disabled: this server does not manage model files "
+                    "(remove the profile from model_configs/ instead)")
+
+
+@bp.post("/api/copy")
+def copy() -> Response:
+    raise Forbidden("copying models is disabled: this server does not manage model files "
+                    "(add an alias to the profile in model_configs/ instead)")
+
+
+@bp.post("/api/create")
+@bp.post("/api/push")
+@bp.route("/api/blobs/<digest>", methods=["POST", "HEAD"])
+def unsupported(digest: str | None = None) -> Response:
+    raise Unsupported("not supported by this server: it does not manage model files")
+
+
+# ----- helpers --------------------------------------------------------------------------------------
+
+def request_body() -> dict[str, Any]:
+    if not request.get_data(cache=True):
+        raise BadRequest("missing request body")
+    try:
+        body = json.loads(request.get_data(cache=True))
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def requested_model(body: dict[str, Any]) -> tuple[ModelConfig, str]:
+    """Return the profile and the name exactly as the client sent it (responses echo it)."""
+    requested = body.get("model") or body.get("name")
+    if not requested:
+        raise BadRequest("model is required")
+    if not isinstance(requested, str) or len(requested) > MAX_MODEL_NAME or "\x00" in requested:
+        raise BadRequest("model: expected a model name")
+    model = ProxyContext.current().config.resolve_model(requested)
+    if model is None:
+        raise UnknownModel(f"model '{requested}' not found")
+    return model, requested
+
+
+def stream_flag(body: dict[str, Any]) -> bool:
+    stream = body.get("stream", True)  # Ollama streams unless told not to
+    if not isinstance(stream, bool):
+        raise BadRequest(f"stream: expected true or false, got {stream!r}")
+    return stream
+
+
+def dialect(model: ModelConfig) -> Dialect:
+    return "tabbyapi" if model.backend == "tabbyapi" else "llamacpp"
+
+
+def catalog_context(model: ModelConfig) -> int | None:
+    return catalog_for(ProxyContext.current().config).entries[model.name].context_length
+
+
+def require_capabilities(model: ModelConfig, body: dict[str, Any], route: str) -> None:
+    """Refuse what the profile says the model cannot do (only when the profile lists capabilities)."""
+    if model.capabilities is None:
+        return
+    needed = {"embed": ["embedding"]}.get(route, ["completion"])
+    if body.get("tools"):
+        needed.append("tools")
+    if body.get("think") not in (None, False):
+        needed.append("thinking")
+    if body.get("suffix"):
+        needed.append("insert")
+    if body.get("images") or any(isinstance(message, dict) and message.get("images")
+                                 for message in body.get("messages") or []):
+        needed.append("vision")
+    for capability in needed:
+        if capability not in model.capabilities:
+            verb = {"completion": "generate", "embedding": "embeddings"}.get(capability, capability)
+            raise BadRequest(f'"{model.name}" does not support {verb}')

@@ -1,0 +1,481 @@
+"""Pure translations between Ollama's API and the OpenAI shapes backends speak.
+
+Requests (options, messages, images, tools, think, format), stream chunks into NDJSON records, the
+final `done` record with its metrics, embeddings and error bodies. Standard library only: no Flask,
+no requests, no clocks (callers pass the times in).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Literal, TypedDict
+
+from proxy.errors import BadRequest
+
+Dialect = Literal["tabbyapi", "llamacpp"]
+"""Which sampler field names the backend understands: TabbyAPI's, or llama.cpp's (also used for
+other OpenAI-compatible servers, which ignore what they do not know)."""
+
+# Ollama option -> backend field, per dialect. Options that are not listed are ignored, as Ollama
+# ignores unknown ones; runner-level options (num_gpu, num_thread, ...) have no request equivalent.
+_SAMPLERS: dict[str, dict[Dialect, str | None]] = {
+    "temperature": {"tabbyapi": "temperature", "llamacpp": "temperature"},
+    "top_k": {"tabbyapi": "top_k", "llamacpp": "top_k"},
+    "top_p": {"tabbyapi": "top_p", "llamacpp": "top_p"},
+    "min_p": {"tabbyapi": "min_p", "llamacpp": "min_p"},
+    "typical_p": {"tabbyapi": "typical", "llamacpp": "typical_p"},
+    "repeat_penalty": {"tabbyapi": "repetition_penalty", "llamacpp": "repeat_penalty"},
+    "repeat_last_n": {"tabbyapi": "penalty_range", "llamacpp": "repeat_last_n"},
+    "presence_penalty": {"tabbyapi": "presence_penalty", "llamacpp": "presence_penalty"},
+    "frequency_penalty": {"tabbyapi": "frequency_penalty", "llamacpp": "frequency_penalty"},
+    "seed": {"tabbyapi": None, "llamacpp": "seed"},  # TabbyAPI has no seed
+    "num_keep": {"tabbyapi": None, "llamacpp": "n_keep"},
+    "mirostat": {"tabbyapi": "mirostat_mode", "llamacpp": "mirostat"},
+    "mirostat_tau": {"tabbyapi": "mirostat_tau", "llamacpp": "mirostat_tau"},
+    "mirostat_eta": {"tabbyapi": "mirostat_eta", "llamacpp": "mirostat_eta"},
+    "tfs_z": {"tabbyapi": "tfs", "llamacpp": None},
+}
+_INTEGER_OPTIONS = frozenset({"top_k", "repeat_last_n", "seed", "num_keep", "mirostat", "num_predict", "num_ctx"})
+_IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+ROLES = ("system", "user", "assistant", "tool")
+NEVER_S = 2 ** 63 / 1e9  # Ollama shows "forever" as now + 2^63 ns
+
+
+class ToolCall(TypedDict):
+    id: str
+    function: dict[str, Any]
+
+
+# ----- requests -------------------------------------------------------------------------------------
+
+def openai_options_from_ollama(options: object, dialect: Dialect, context_length: int | None = None) -> dict[str, Any]:
+    """Return backend sampler fields for Ollama `options`; 400 on a wrongly typed value."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise BadRequest(f"options: expected an object, got {type(options).__name__}")
+    fields: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "stop":
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise BadRequest(f'option "stop" must be a list of strings, got {value!r}')
+            fields["stop"] = value
+        elif key == "num_predict":
+            tokens = _number(key, value)
+            if tokens >= 0:  # -1 (no limit) and -2 (fill the context) mean: leave it out
+                fields["max_tokens"] = int(min(tokens, context_length) if context_length else tokens)
+        elif key in _SAMPLERS:
+            number = _number(key, value)
+            target = _SAMPLERS[key][dialect]
+            if target is not None and not (key == "repeat_penalty" and number == 0):  # 0 means unset
+                fields[target] = number
+    return fields
+
+
+def _number(key: str, value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f'option "{key}" must be a number, got {value!r}')
+    if key in _INTEGER_OPTIONS and value != int(value):
+        raise BadRequest(f'option "{key}" must be an integer, got {value!r}')
+    return int(value) if key in _INTEGER_OPTIONS else value
+
+
+def openai_messages_from_ollama(messages: object) -> list[dict[str, Any]]:
+    """Return OpenAI chat messages: images as content parts, tool calls with string arguments."""
+    if not isinstance(messages, list):
+        raise BadRequest("messages: expected a list of messages")
+    converted: list[dict[str, Any]] = []
+    pending_calls: list[tuple[str, str]] = []  # (id, name) of calls not yet answered, oldest first
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{number}]: expected an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{number}].role: expected one of {', '.join(ROLES)}, got {role!r}")
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{number}].content: expected a string")
+        out: dict[str, Any] = {"role": role, "content": content}
+        images = message.get("images")
+        if images:
+            out["content"] = content_parts(content, images, f"messages[{number}].images")
+        if role == "assistant" and message.get("tool_calls"):
+            out["tool_calls"] = _openai_tool_calls(message["tool_calls"], number, len(converted))
+            pending_calls += [(call["id"], call["function"]["name"]) for call in out["tool_calls"]]
+        if role == "tool":
+            call_id = message.get("tool_call_id") or _match_tool_call(pending_calls, message.get("tool_name"))
+            pending_calls = [call for call in pending_calls if call[0] != call_id]
+            if call_id:
+                out["tool_call_id"] = call_id
+        converted.append(out)
+    return converted
+
+
+def _openai_tool_calls(calls: object, number: int, position: int) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise BadRequest(f"messages[{number}].tool_calls: expected a list")
+    converted = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"messages[{number}].tool_calls[{index}].function.name: required")
+        arguments = function.get("arguments", {})
+        converted.append({
+            "id": call.get("id") or f"call_{position}_{index}",
+            "type": "function",
+            "function": {"name": function["name"],
+                         "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)},
+        })
+    return converted
+
+
+def _match_tool_call(pending: list[tuple[str, str]], name: object) -> str | None:
+    """Pair a tool result without an id with the latest unanswered call of that tool (or the latest)."""
+    for call_id, call_name in reversed(pending):
+        if name is None or call_name == name:
+            return call_id
+    return None
+
+
+def content_parts(text: str, images: object, where: str) -> list[dict[str, Any]]:
+    """Return OpenAI content parts: the text, then each base64 image as a data URL."""
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise BadRequest(f"{where}: expected a list of base64 strings")
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    for image in images:
+        parts.append({"type": "image_url", "image_url": {"url": image if image.startswith("data:") else data_url(image, where)}})
+    return parts
+
+
+def data_url(encoded: str, where: str) -> str:
+    """Return a data URL for a base64 image, its type read from the magic bytes."""
+    try:
+        head = base64.b64decode(encoded[:64] + "=" * (-len(encoded[:64]) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where}: an image is not valid base64") from None
+    mime = next((kind for magic, kind in _IMAGE_TYPES if head.startswith(magic)), None)
+    if mime is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        mime = "image/webp"
+    return f"data:{mime or 'application/octet-stream'};base64,{encoded}"
+
+
+def openai_tools_from_ollama(tools: object) -> list[dict[str, Any]]:
+    """Return tools for the backend; TabbyAPI rejects a function without a description."""
+    if not isinstance(tools, list):
+        raise BadRequest("tools: expected a list")
+    converted = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"tools[{index}].function.name: required")
+        converted.append({"type": "function", "function": {"description": "", **function}})
+    return converted
+
+
+def format_fields(fmt: object, dialect: Dialect) -> dict[str, Any]:
+    """Return the backend's structured-output fields for Ollama's `format` ("json" or a schema)."""
+    if fmt is None or fmt == "":
+        return {}
+    if fmt == "json":
+        if dialect == "tabbyapi":
+            return {"json_schema": {"type": "object"}}
+        return {"response_format": {"type": "json_object"}}
+    if isinstance(fmt, dict):
+        if dialect == "tabbyapi":  # TabbyAPI takes the schema itself, not OpenAI's {name, schema} wrapper
+            return {"json_schema": fmt}
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
+    raise BadRequest(f'format: expected "json" or a JSON schema object, got {fmt!r}')
+
+
+def think_fields(think: object, dialect: Dialect) -> dict[str, Any]:
+    """Return the backend's reasoning switches for Ollama's `think` (bool or "low"/"medium"/"high"/"max")."""
+    if think is None:
+        return {}
+    if isinstance(think, str):
+        if think not in ("low", "medium", "high", "max"):
+            raise BadRequest(f'think: expected true, false, "low", "medium", "high" or "max", got {think!r}')
+        if dialect == "tabbyapi":
+            return {"enable_thinking": True, "reasoning_effort": "high" if think == "max" else think}
+        return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "high" if think == "max" else think}
+    if not isinstance(think, bool):
+        raise BadRequest(f"think: expected a boolean or a level, got {think!r}")
+    if dialect == "tabbyapi":
+        return {"enable_thinking": think}
+    return {"chat_template_kwargs": {"enable_thinking": think}}
+
+
+def openai_chat_from_ollama(body: Mapping[str, Any], dialect: Dialect, context_length: int | None = None) -> dict[str, Any]:
+    """Return the OpenAI chat request for an Ollama /api/chat body."""
+    request: dict[str, Any] = {"messages": openai_messages_from_ollama(body.get("messages") or [])}
+    if body.get("tools"):
+        request["tools"] = openai_tools_from_ollama(body["tools"])
+    _common_fields(request, body, dialect, context_length)
+    return request
+
+
+def openai_request_from_generate(body: Mapping[str, Any], dialect: Dialect,
+                                 context_length: int | None = None) -> tuple[str, dict[str, Any]]:
+    """Return (kind, OpenAI request) for an Ollama /api/generate body: 'chat', or 'completion' for raw/suffix."""
+    prompt = body.get("prompt") or ""
+    if not isinstance(prompt, str):
+        raise BadRequest("prompt: expected a string")
+    if body.get("template"):
+        raise BadRequest("template: not supported by this server (it cannot run Ollama's Go templates); "
+                         "send raw: true with a prompt you formatted yourself")
+    raw = body.get("raw") is True
+    suffix = body.get("suffix")
+    if raw and (body.get("system") or body.get("context")):
+        raise BadRequest("raw mode does not support template, system, or context")
+    if raw or suffix:
+        request: dict[str, Any] = {"prompt": prompt}
+        if suffix:
+            if not isinstance(suffix, str):
+                raise BadRequest("suffix: expected a string")
+            request["suffix"] = suffix
+        if body.get("images"):
+            raise BadRequest("images: not supported with raw or suffix")
+        _common_fields(request, body, dialect, context_length)
+        return "completion", request
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise BadRequest("system: expected a string")
+    user: dict[str, Any] = {"role": "user", "content": prompt}
+    if body.get("images"):
+        user["content"] = content_parts(prompt, body["images"], "images")
+    request = {"messages": ([{"role": "system", "content": system}] if system else []) + [user]}
+    _common_fields(request, body, dialect, context_length)
+    return "chat", request
+
+
+def _common_fields(request: dict[str, Any], body: Mapping[str, Any], dialect: Dialect,
+                   context_length: int | None) -> None:
+    request.update(openai_options_from_ollama(body.get("options"), dialect, context_length))
+    request.update(format_fields(body.get("format"), dialect))
+    request.update(think_fields(body.get("think"), dialect))
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
+            raise BadRequest("top_logprobs must be between 0 and 20")
+        request["top_logprobs"] = top_logprobs
+    if body.get("logprobs") is True:
+        request["logprobs"] = True
+
+
+# ----- responses ------------------------------------------------------------------------------------
+
+def rfc3339_ns(time_ns: int) -> str:
+    """Return a UTC timestamp with 9 fractional digits, as Ollama writes created_at."""
+    seconds, nanos = divmod(time_ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"
+
+
+def rfc3339_local(moment: datetime) -> str:
+    """Return a timestamp with 9 fractional digits and its UTC offset (modified_at, expires_at)."""
+    stamp = moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond:06d}000"
+    offset = moment.strftime("%z")  # "+0100", or "" for a naive time
+    return f"{stamp}Z" if offset in ("", "+0000") else f"{stamp}{offset[:3]}:{offset[3:]}"
+
+
+class OllamaStream:
+    """Turns a backend's OpenAI chunks into Ollama records, and ends them with the `done` record.
+
+    One per request. Times are monotonic nanoseconds given by the caller.
+    """
+
+    def __init__(self, *, model: str, kind: Literal["chat", "generate"], think: object, started_ns: int) -> None:
+        self.model = model
+        self.kind = kind
+        self.keep_thinking = think is not False
+        self.started_ns = started_ns
+        self.content: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: dict[int, dict[str, str]] = {}
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
+        self.deltas = 0
+        self.first_token_ns: int | None = None
+        self.last_token_ns: int | None = None
+
+    def feed(self, chunk: Mapping[str, Any], now_ns: int, wall_ns: int) -> list[dict[str, Any]]:
+        """Return the records for one OpenAI stream chunk (usually one, sometimes none)."""
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        records = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if "text" in choice and not delta:  # a completions stream
+                delta = {"content": choice.get("text")}
+            text = delta.get("content") or ""
+            reasoning = (delta.get("reasoning_content") or delta.get("reasoning") or "") if self.keep_thinking else ""
+            for fragment in delta.get("tool_calls") or []:
+                self._buffer_tool_call(fragment)
+            if text or reasoning:
+                self._mark_token(now_ns)
+                self.content.append(text)
+                self.thinking.append(reasoning)
+                records.append(self._record(wall_ns, content=text, thinking=reasoning))
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+                records += self._flush_tool_calls(wall_ns)
+        return records
+
+    def feed_response(self, response: Mapping[str, Any], now_ns: int) -> None:
+        """Take a whole (non-stream) OpenAI answer."""
+        self.usage = response.get("usage") or {}
+        self.timings = response.get("timings") or {}
+        for choice in response.get("choices") or []:
+            message = choice.get("message") or {}
+            self.content.append(message.get("content") or choice.get("text") or "")
+            if self.keep_thinking:
+                self.thinking.append(message.get("reasoning_content") or message.get("reasoning") or "")
+            for index, call in enumerate(message.get("tool_calls") or []):
+                self._buffer_tool_call({"index": index, **call})
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        self._mark_token(now_ns)
+
+    def final(self, *, load_ns: int, now_ns: int, wall_ns: int) -> list[dict[str, Any]]:
+        """Return the last records of a stream: pending tool calls, then the `done: true` record."""
+        records = self._flush_tool_calls(wall_ns)
+        done = self._record(wall_ns, content="", thinking="")
+        done.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns))
+        return records + [done]
+
+    def aggregate(self, *, load_ns: int, now_ns: int, wall_ns: int) -> dict[str, Any]:
+        """Return the one object of a non-streaming answer: all text, thinking, tool calls and metrics."""
+        calls = self._complete_tool_calls()
+        record = self._record(wall_ns, content="".join(self.content), thinking="".join(self.thinking),
+                              tool_calls=calls)
+        record.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns))
+        return record
+
+    def metrics(self, *, load_ns: int, now_ns: int) -> dict[str, Any]:
+        """Return done_reason and the six metrics (integers, nanoseconds, each at least 1)."""
+        usage, timings = self.usage, self.timings
+        first = self.first_token_ns or now_ns
+        last = self.last_token_ns or now_ns
+        prompt_ns = _ns(timings.get("prompt_ms"), 1e6) or _ns(usage.get("prompt_time"), 1e9) or first - self.started_ns - load_ns
+        eval_ns = _ns(timings.get("predicted_ms"), 1e6) or _ns(usage.get("completion_time"), 1e9) or last - first
+        return {
+            "done_reason": "length" if self.finish_reason == "length" else "stop",
+            "total_duration": max(1, now_ns - self.started_ns),
+            "load_duration": max(1, load_ns),
+            "prompt_eval_count": max(1, int(usage.get("prompt_tokens") or timings.get("prompt_n") or 1)),
+            "prompt_eval_duration": max(1, int(prompt_ns)),
+            "eval_count": max(1, int(usage.get("completion_tokens") or timings.get("predicted_n") or self.deltas or 1)),
+            "eval_duration": max(1, int(eval_ns)),
+        }
+
+    def _mark_token(self, now_ns: int) -> None:
+        self.deltas += 1
+        if self.first_token_ns is None:
+            self.first_token_ns = now_ns
+        self.last_token_ns = now_ns
+
+    def _record(self, wall_ns: int, *, content: str, thinking: str,
+                tool_calls: list[ToolCall] | None = None) -> dict[str, Any]:
+        record: dict[str, Any] = {"model": self.model, "created_at": rfc3339_ns(wall_ns)}
+        if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            record["message"] = message
+        else:
+            record["response"] = content
+            if thinking:
+                record["thinking"] = thinking
+        record["done"] = False
+        return record
+
+    def _buffer_tool_call(self, fragment: Mapping[str, Any]) -> None:
+        # llama.cpp streams argument fragments keyed by index; TabbyAPI sends whole calls.
+        index = fragment.get("index", len(self.tool_calls))
+        call = self.tool_calls.setdefault(int(index), {"id": "", "name": "", "arguments": ""})
+        function = fragment.get("function") or {}
+        call["id"] = call["id"] or str(fragment.get("id") or "")
+        call["name"] += function.get("name") or ""
+        arguments = function.get("arguments")
+        call["arguments"] += arguments if isinstance(arguments, str) else json.dumps(arguments) if arguments else ""
+
+    def _complete_tool_calls(self) -> list[ToolCall]:
+        calls: list[ToolCall] = []
+        for index in sorted(self.tool_calls):
+            call = self.tool_calls[index]
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                raise ValueError(f"the backend sent tool call {call['name']!r} with arguments that are not "
+                                 f"JSON: {call['arguments'][:200]!r}") from None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"the backend sent tool call {call['name']!r} with arguments that are not an object")
+            calls.append({"id": call["id"] or f"call_{index}",
+                          "function": {"index": index, "name": call["name"], "arguments": arguments}})
+        return calls
+
+    def _flush_tool_calls(self, wall_ns: int) -> list[dict[str, Any]]:
+        if not self.tool_calls or self.kind != "chat":
+            return []
+        calls = self._complete_tool_calls()
+        self.tool_calls = {}
+        return [self._record(wall_ns, content="", thinking="", tool_calls=calls)]
+
+
+def _ns(value: object, scale: float) -> int:
+    return int(value * scale) if isinstance(value, int | float) and value > 0 else 0
+
+
+def ollama_embeddings_from_openai(response: Mapping[str, Any], *, dimensions: int | None = None,
+                                  normalize: bool = True) -> list[list[float]]:
+    """Return the vectors of an OpenAI embeddings answer in input order; cut and L2-normalised as Ollama does."""
+    items = sorted(response.get("data") or [], key=lambda item: item.get("index", 0))
+    vectors = []
+    for item in items:
+        vector = [float(value) for value in item.get("embedding") or []]
+        if dimensions:
+            vector = vector[:dimensions]
+        if normalize:
+            norm = math.sqrt(sum(value * value for value in vector))
+            vector = [value / norm for value in vector] if norm else vector
+        vectors.append(vector)
+    return vectors
+
+
+def error_message_from_upstream(body: bytes, status: int) -> str:
+    """Return the message of a backend's error body (OpenAI, TabbyAPI `detail`, or text)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip()
+        return text[:500] if text else f"the backend answered HTTP {status}"
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str) and error:
+            return error
+        detail = parsed.get("detail")
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list):  # FastAPI validation errors
+            return "; ".join(f"{'.'.join(map(str, item.get('loc', [])))}: {item.get('msg')}"
+                             for item in detail if isinstance(item, dict)) or str(detail)
+    return f"the backend answered HTTP {status}: {str(parsed)[:300]}"
+
+
+def ollama_name(name: str) -> str:
+    """Return a name with a tag, as Ollama lists them (clients add :latest to bare names)."""
+    return name if re.search(r":[^/]+$", name) else f"{name}:latest"
