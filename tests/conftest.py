@@ -51,6 +51,16 @@ def gguf() -> Path:
     return path
 
 
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
+    """Poll predicate until true; fail the test after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -171,12 +181,11 @@ class ProxyProcess:
         return survivors
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.log()[-3000:]}")
+        """Like wait_until, with the end of the proxy's log in the failure message."""
+        try:
+            wait_until(predicate, timeout_s, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()[-3000:]}") from None
 
     def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 20.0) -> int:
         if self.popen.poll() is None:

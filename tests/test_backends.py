@@ -17,18 +17,9 @@ import yaml
 from proxy.backends import LaunchPlan, command, http_get, llamacpp, plan_launch, tabby
 from proxy.config import ConfigError, Config, LlamaCppSettings, ModelConfig, load_config
 from proxy.errors import BackendFailed
-from tests.conftest import FAKE_BACKEND, GGUF_FILE, fake_profile, free_port, write_config
+from tests.conftest import FAKE_BACKEND, GGUF_FILE, fake_profile, free_port, wait_until, write_config
 
 Spawn = Callable[..., subprocess.Popen[bytes]]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture

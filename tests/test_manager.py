@@ -18,7 +18,7 @@ import pytest
 from proxy.config import Config, ModelConfig, load_config
 from proxy.errors import BackendFailed, BackendTimeout, ClientGone, ModelBusy, UnknownModel
 from proxy.manager import Lease, ModelManager, State
-from tests.conftest import fake_profile, write_config
+from tests.conftest import fake_profile, wait_until, write_config
 
 
 class FakeClock:
@@ -144,13 +144,6 @@ def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, An
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 # ----- leases and idle time ---------------------------------------------------------------------

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import wait_until
+
 from proxy.backends import LaunchPlan, Probe, http_get
 from proxy.errors import BackendFailed, BackendTimeout
 from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, port_is_busy, process_start_ticks, spawn
@@ -36,15 +38,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def health_probe(port: int) -> Probe:

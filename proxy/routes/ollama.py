@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -145,48 +146,59 @@ def ps() -> Response:
 
 # ----- generation -----------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class OllamaRequest:
+    """What every generation route reads first."""
+
+    started_ns: int
+    body: dict[str, Any]
+    model: ModelConfig
+    requested: str            # the name as the client sent it: records echo it
+    keep_alive_s: float | None
+    stream: bool
+
+    @classmethod
+    def read(cls) -> OllamaRequest:
+        started_ns = time.monotonic_ns()
+        body = request_body()
+        model, requested = requested_model(body)
+        keep_alive_s = pop_keep_alive(body)
+        return cls(started_ns, body, model, requested, keep_alive_s, stream_flag(body))
+
+
 @bp.post("/api/chat")
 def chat() -> Response:
-    started_ns = time.monotonic_ns()
-    body = request_body()
-    model, requested = requested_model(body)
-    keep_alive_s = pop_keep_alive(body)
-    stream = stream_flag(body)
-    if not body.get("messages"):  # empty or absent: Ollama's load/unload shortcut
-        return load_shortcut(model, requested, keep_alive_s, "chat")
-    require_capabilities(model, body, "chat")
-    openai_body = openai_chat_from_ollama(body, dialect(model), catalog_context(model))
-    return generate_answer(model, requested, "chat", "chat", openai_body, keep_alive_s, stream, body.get("think"),
-                           started_ns)
+    call = OllamaRequest.read()
+    if not call.body.get("messages"):  # empty or absent: Ollama's load/unload shortcut
+        return load_shortcut(call.model, call.requested, call.keep_alive_s, "chat")
+    require_capabilities(call.model, call.body, "chat")
+    openai_body = openai_chat_from_ollama(call.body, dialect(call.model), catalog_context(call.model))
+    return generate_answer(call, "chat", "chat", openai_body)
 
 
 @bp.post("/api/generate")
 def generate() -> Response:
-    started_ns = time.monotonic_ns()
-    body = request_body()
-    model, requested = requested_model(body)
-    keep_alive_s = pop_keep_alive(body)
-    stream = stream_flag(body)
-    if not body.get("prompt") and not body.get("suffix"):
-        return load_shortcut(model, requested, keep_alive_s, "generate")
-    require_capabilities(model, body, "generate")
-    kind, openai_body = openai_request_from_generate(body, dialect(model), catalog_context(model))
-    return generate_answer(model, requested, "generate", kind, openai_body, keep_alive_s, stream, body.get("think"),
-                           started_ns)
+    call = OllamaRequest.read()
+    if not call.body.get("prompt") and not call.body.get("suffix"):
+        return load_shortcut(call.model, call.requested, call.keep_alive_s, "generate")
+    require_capabilities(call.model, call.body, "generate")
+    kind, openai_body = openai_request_from_generate(call.body, dialect(call.model), catalog_context(call.model))
+    return generate_answer(call, "generate", kind, openai_body)
 
 
-def generate_answer(model: ModelConfig, requested: str, record_kind: Literal["chat", "generate"], kind: str,
-                    openai_body: dict[str, Any], keep_alive_s: float | None, stream: bool, think: object,
-                    started_ns: int) -> Response:
+def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"], kind: str,
+                    openai_body: dict[str, Any]) -> Response:
     """Send the translated request upstream (always streaming, with usage) and answer in Ollama's shape."""
     context = ProxyContext.current()
+    model = call.model
     openai_body["stream"] = True  # one code path: non-streaming answers are aggregated here
     openai_body["stream_options"] = {"include_usage": True}  # the done record's counts come from usage
-    prepared = finish(model, openai_body, kind, keep_alive_s, True)
+    prepared = finish(model, openai_body, kind, call.keep_alive_s, True)
     request.environ["proxy.model"] = model.name
     lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS[kind],
                                     request.environ.get("waitress.client_disconnected"))
-    translator = OllamaStream(model=requested, kind=record_kind, think=think, started_ns=started_ns)
+    translator = OllamaStream(model=call.requested, kind=record_kind, think=call.body.get("think"),
+                              started_ns=call.started_ns)
     load_ns = int(lease.waited_s * 1e9)
     try:
         check_upstream_status(lease, upstream)
@@ -197,7 +209,7 @@ def generate_answer(model: ModelConfig, requested: str, record_kind: Literal["ch
         upstream.close()
         lease.release()
         raise
-    if stream:
+    if call.stream:
         records = stream_records(context.upstream, lease, upstream, translator, load_ns, is_sse)
         return Response(records, mimetype=NDJSON)
     try:
@@ -282,10 +294,8 @@ def load_shortcut(model: ModelConfig, requested: str, keep_alive_s: float | None
 
 @bp.post("/api/embed")
 def embed() -> Response:
-    started_ns = time.monotonic_ns()
-    body = request_body()
-    model, requested = requested_model(body)
-    keep_alive_s = pop_keep_alive(body)
+    call = OllamaRequest.read()
+    body, model, requested, keep_alive_s = call.body, call.model, call.requested, call.keep_alive_s
     given = body.get("input")
     if given in (None, "", []):
         load_shortcut(model, requested, keep_alive_s, "embed")
@@ -301,7 +311,7 @@ def embed() -> Response:
     return jsonify({
         "model": requested,
         "embeddings": ollama_embeddings_from_openai(answer, dimensions=dimensions),
-        "total_duration": max(1, time.monotonic_ns() - started_ns),
+        "total_duration": max(1, time.monotonic_ns() - call.started_ns),
         "load_duration": max(1, int(lease.waited_s * 1e9)),
         "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
     })
@@ -309,9 +319,8 @@ def embed() -> Response:
 
 @bp.post("/api/embeddings")
 def embeddings() -> Response:
-    body = request_body()
-    model, requested = requested_model(body)
-    keep_alive_s = pop_keep_alive(body)
+    call = OllamaRequest.read()
+    body, model, requested, keep_alive_s = call.body, call.model, call.requested, call.keep_alive_s
     prompt = body.get("prompt")
     if not prompt:
         load_shortcut(model, requested, keep_alive_s, "embeddings")
