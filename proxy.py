@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         reloader.stop()
         manager.shutdown()
+        launcher.close()
     return 0
 
 

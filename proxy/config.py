@@ -25,7 +25,8 @@ TABBY_SECTIONS = (
 BACKEND_KINDS = ("tabbyapi", "llamacpp", "command")
 PROFILE_KEYS = frozenset(
     {"backend", "aliases", "default", "unload_timer", "startup_timeout", "template", "llamacpp", "command",
-     "description", "details", "capabilities", "context_length", "license", *TABBY_SECTIONS}
+     "description", "details", "capabilities", "context_length", "license", "resident_group", "tabby_config",
+     *TABBY_SECTIONS}
 )
 CAPABILITIES = ("completion", "tools", "vision", "embedding", "insert", "thinking")
 DETAIL_KEYS = frozenset({"format", "family", "families", "parameter_size", "quantization_level", "size", "size_vram"})
@@ -61,6 +62,7 @@ class ProxySettings:
     disable_auth: bool = False
     tabby_dir: Path | None = None
     tabby_python: str | None = None
+    tabby_auth: str = "off"  # "off": TabbyAPI runs with auth disabled on loopback; "keys": it keeps its keys
     ollama_version: str = DEFAULT_OLLAMA_VERSION
 
 
@@ -133,6 +135,7 @@ class ModelConfig:
     capabilities: tuple[str, ...] | None = None  # None: not declared, nothing is refused
     context_length: int | None = None
     license: str = ""
+    resident_group: str | None = None  # tabbyapi profiles sharing one process, swapped in place
 
     @property
     def upstream_model(self) -> str:
@@ -296,7 +299,7 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
     node.reject_unknown({
         "host", "port", "threads", "unload_timer", "max_loaded_models", "startup_timeout", "stop_grace",
         "queue_timeout", "connect_timeout", "read_timeout", "backend_ports", "profiles_dir", "api_tokens",
-        "state_dir", "disable_auth", "tabby_dir", "tabby_python", "ollama_version",
+        "state_dir", "disable_auth", "tabby_dir", "tabby_python", "tabby_auth", "ollama_version",
     })
     defaults = ProxySettings()
     port = node.get("port", int, defaults.port)
@@ -325,8 +328,16 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         disable_auth=node.get("disable_auth", bool, defaults.disable_auth),
         tabby_dir=tabby_dir,
         tabby_python=_program(node.get("tabby_python", str, None), base),
+        tabby_auth=_choice(node, "tabby_auth", ("off", "keys"), "off"),
         ollama_version=_semver(node),
     )
+
+
+def _choice(node: _Node, key: str, choices: tuple[str, ...], default: str) -> str:
+    value: str = node.get(key, str, default)
+    if value not in choices:
+        raise node.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _semver(node: _Node) -> str:
@@ -372,6 +383,11 @@ def _model_config(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConf
     if startup is not None:
         node.positive("startup_timeout", 1.0)
     overrides = {key: node.value[key] for key in TABBY_SECTIONS if key in node.value}
+    extra = node.get("tabby_config", dict, {})  # TabbyAPI sections the proxy does not know, verbatim
+    overrides = deep_merge(extra, overrides)
+    resident_group = node.get("resident_group", str, None)
+    if resident_group is not None and backend != "tabbyapi":
+        raise node.fail("resident_group", f"only tabbyapi profiles can share a resident process, not {backend}")
     for key, value in overrides.items():
         if not isinstance(value, Mapping):
             raise node.fail(key, f"expected a mapping (a TabbyAPI config section), got {value!r}")
@@ -407,6 +423,7 @@ def _model_config(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConf
         capabilities=None if capabilities is None else tuple(capabilities),
         context_length=context_length,
         license=node.get("license", str, ""),
+        resident_group=resident_group,
     )
 
 

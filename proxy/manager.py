@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from proxy.backends import plan_launch
 from proxy.config import Config, ModelConfig
 from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, UnknownModel
+from proxy.resident import Residents
 from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, describe_exit, spawn
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ class Backend(Protocol):
     def base_url(self) -> str: ...
     @property
     def headers(self) -> Mapping[str, str]: ...
+    @property
+    def progress(self) -> str | None: ...
     def wait_ready(self, probe: Any = None, timeout_s: float = ...) -> float: ...
-    def stop(self, grace_s: float) -> int | None: ...
+    def stop(self, grace_s: float, successor: ModelConfig | None = None) -> int | None: ...
     def tail(self, lines: int = ...) -> str: ...
 
 
@@ -109,6 +112,7 @@ class ModelStatus:
     last_error: str | None
     backend: str
     requests_served: int
+    progress: str | None = None  # load progress of an in-place (resident) load
 
 
 class Lease:
@@ -274,7 +278,7 @@ class ModelManager:
             return self._claim_start(runtime, ticket)
         victim = self._victim()
         if victim is not None and victim.leases == 0:
-            return self._claim_stop(victim, reason=f"swap to {runtime.model.name}")
+            return self._claim_stop(victim, reason=f"swap to {runtime.model.name}", successor=runtime.model)
         return None  # wait: the victim drains, or another transition finishes first
 
     def _claim_start(self, runtime: _Runtime, ticket: _Ticket) -> Callable[[], None]:
@@ -288,13 +292,13 @@ class ModelManager:
         generation = runtime.generation
         return lambda: self._start(runtime, generation)
 
-    def _claim_stop(self, runtime: _Runtime, reason: str, force: bool = False) -> Callable[[], None]:
+    def _claim_stop(self, runtime: _Runtime, reason: str, successor: ModelConfig | None = None) -> Callable[[], None]:
         process = runtime.process
         runtime.generation += 1
         runtime.leases = 0
         generation = runtime.generation
         self._set_state(runtime, State.STOPPING, reason=reason)
-        return lambda: self._stop(runtime, process, generation)
+        return lambda: self._stop(runtime, process, generation, successor)
 
     # ----- transitions (outside the lock) -------------------------------------------------------
 
@@ -347,11 +351,13 @@ class ModelManager:
         if stale:
             process.stop(self._config.proxy.stop_grace_s)
 
-    def _stop(self, runtime: _Runtime, process: Backend | None, generation: int) -> None:
+    def _stop(self, runtime: _Runtime, process: Backend | None, generation: int,
+              successor: ModelConfig | None = None) -> None:
         reason = ""
         try:
             if process is not None:
-                returncode = process.stop(self._config.proxy.stop_grace_s)
+                # The successor lets a resident TabbyAPI swap in place instead of restarting.
+                returncode = process.stop(self._config.proxy.stop_grace_s, successor)
                 reason = f"pid {process.pid}: {describe_exit(returncode)}"
         except Exception:  # the slot must not stay STOPPING forever; the error is in the log
             log.exception("model %s: error while stopping pid %s", runtime.model.name, process and process.pid)
@@ -576,6 +582,7 @@ class ModelManager:
             last_error=runtime.last_error,
             backend=runtime.model.backend,
             requests_served=runtime.requests_served,
+            progress=process.progress if process is not None and runtime.state is State.STARTING else None,
         )
 
     @property
@@ -587,14 +594,21 @@ class ProcessLauncher:
     """The real Launch: a port from the pool, the backend's plan, a supervised child.
 
     `config` is replaced on reload; the port pool stays (a new port range needs a restart).
+    Profiles with a `resident_group` go through Residents (TabbyAPI's in-place swap).
     """
 
     def __init__(self, config: Config, registry: ChildRegistry | None = None) -> None:
         self.config = config
         self._ports = PortPool(*config.proxy.backend_ports)
         self._registry = registry
+        self._residents = Residents(self._spawn_process)
 
     def __call__(self, model: ModelConfig, on_exit: ExitCallback) -> Backend:
+        if model.backend == "tabbyapi" and model.resident_group:
+            return self._residents.launch(model, on_exit)
+        return self._spawn_process(model, on_exit)
+
+    def _spawn_process(self, model: ModelConfig, on_exit: ExitCallback) -> BackendProcess:
         config = self.config
         port = self._ports.reserve()
 
@@ -609,3 +623,7 @@ class ProcessLauncher:
         except BaseException:
             self._ports.release(port)
             raise
+
+    def close(self) -> None:
+        """Stop what only the launcher knows of: resident processes with no model loaded."""
+        self._residents.close(self.config.proxy.stop_grace_s)

@@ -34,16 +34,33 @@ def relay(chunks: Iterator[bytes], close: Callable[[], None], lease: Releasable,
         log.warning("stream ended early: %s", exc.message)
         yield error_event(exc)
     finally:
-        close()
-        lease.release()
+        try:
+            close()
+        finally:
+            lease.release()
 
 
 def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) -> Iterator[bytes]:
-    """Yield chunks with byte strings replaced (e.g. a backend's model id by the public name)."""
+    """Yield chunks with byte strings replaced (e.g. a backend's model id by the public name).
+
+    Patterns never span lines, so each chunk is cut after its last newline and the rest waits for
+    the next one: a pattern split between two reads is still found.
+    """
+    carry = b""
     for chunk in chunks:
-        for old, new in replacements:
-            chunk = chunk.replace(old, new)
-        yield chunk
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1
+        data, carry = data[:cut], data[cut:]
+        if data:
+            yield _replaced(data, replacements)
+    if carry:
+        yield _replaced(carry, replacements)
+
+
+def _replaced(data: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
+    for old, new in replacements:
+        data = data.replace(old, new)
+    return data
 
 
 def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:

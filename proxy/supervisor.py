@@ -98,8 +98,15 @@ class BackendProcess:
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * 1.5, 0.5)
 
-    def stop(self, grace_s: float) -> int | None:
-        """Stop the child's whole process group: SIGTERM, grace period, SIGKILL. Blocks until reaped."""
+    @property
+    def progress(self) -> str | None:
+        return None  # a process shows no load progress; the log has it
+
+    def stop(self, grace_s: float, successor: object = None) -> int | None:
+        """Stop the child's whole process group: SIGTERM, grace period, SIGKILL. Blocks until reaped.
+
+        `successor` (the model that takes the slot) matters only to resident processes.
+        """
         if self._popen.poll() is None:
             self._signal_group(signal.SIGTERM)
             try:

@@ -178,7 +178,7 @@ def openai_tools_from_ollama(tools: object) -> list[dict[str, Any]]:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest(f"tools[{index}].function.name: required")
-        converted.append({"type": "function", "function": {"description": "", **function}})
+        converted.append({"type": "function", "function": {**function, "description": function.get("description") or ""}})
     return converted
 
 
@@ -229,13 +229,15 @@ def openai_request_from_generate(body: Mapping[str, Any], dialect: Dialect,
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise BadRequest("prompt: expected a string")
+    raw = body.get("raw") is True
+    suffix = body.get("suffix")
+    if raw and (body.get("template") or body.get("system") or body.get("context")):
+        raise BadRequest("raw mode does not support template, system, or context")
     if body.get("template"):
         raise BadRequest("template: not supported by this server (it cannot run Ollama's Go templates); "
                          "send raw: true with a prompt you formatted yourself")
-    raw = body.get("raw") is True
-    suffix = body.get("suffix")
-    if raw and (body.get("system") or body.get("context")):
-        raise BadRequest("raw mode does not support template, system, or context")
+    if suffix and body.get("system"):
+        raise BadRequest("system: not supported together with suffix (fill-in-the-middle goes to the raw completion route)")
     if raw or suffix:
         request: dict[str, Any] = {"prompt": prompt}
         if suffix:
@@ -299,7 +301,8 @@ class OllamaStream:
         self.started_ns = started_ns
         self.content: list[str] = []
         self.thinking: list[str] = []
-        self.tool_calls: dict[int, dict[str, str]] = {}
+        self.tool_calls: dict[int, dict[str, str]] = {}  # buffered until complete
+        self.sent_calls: list[ToolCall] = []              # complete calls already streamed
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] = {}
         self.timings: dict[str, Any] = {}
@@ -355,7 +358,7 @@ class OllamaStream:
 
     def aggregate(self, *, load_ns: int, now_ns: int, wall_ns: int) -> dict[str, Any]:
         """Return the one object of a non-streaming answer: all text, thinking, tool calls and metrics."""
-        calls = self._complete_tool_calls()
+        calls = self.sent_calls + self._complete_tool_calls()
         record = self._record(wall_ns, content="".join(self.content), thinking="".join(self.thinking),
                               tool_calls=calls)
         record.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns))
@@ -431,6 +434,7 @@ class OllamaStream:
             return []
         calls = self._complete_tool_calls()
         self.tool_calls = {}
+        self.sent_calls += calls
         return [self._record(wall_ns, content="", thinking="", tool_calls=calls)]
 
 

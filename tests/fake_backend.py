@@ -9,6 +9,17 @@ It serves /health, /v1/models, /v1/model, /pid, /v1/chat/completions,
 (non-stream: "echo" key; stream: "echo" in the first event) so tests can check
 what the proxy forwarded. Flags simulate slow starts, start failures, slow or
 failing streams, SIGTERM-ignoring processes and API-key protection.
+
+Opt-in flags for the Ollama routes (each off by default):
+  --reasoning N      chat streams N reasoning_content deltas ("think0 ", ...) before the content
+  --tool-call NAME   a chat request that carries tools is answered with one call of NAME,
+                     streamed llama.cpp style (fragments keyed by index: id and name first, then
+                     the arguments JSON over three chunks), finish_reason "tool_calls"
+  --tabby-style      TabbyAPI-like streams: deltas without "role", usage (with prompt_time and
+                     completion_time) inside the finish chunk, a ": ping" comment before the
+                     first event
+  --crlf             SSE events framed with CRLF line ends
+  --record           remember every POST (path and body); GET /requests returns them
 """
 
 import argparse
@@ -33,7 +44,17 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=5)
     p.add_argument("--error-after", type=int, default=-1)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--reasoning", type=int, default=0)
+    p.add_argument("--tool-call", default=None)
+    p.add_argument("--tabby-style", action="store_true")
+    p.add_argument("--crlf", action="store_true")
+    p.add_argument("--record", action="store_true")
     return p.parse_args(argv)
+
+
+RECORDED = []  # with --record: {"path", "body"} of every POST, oldest first
+TOOL_ARGUMENTS = {"city": "Tokyo", "days": 2}
+TABBY_TIMES = {"prompt_time": 0.5, "completion_time": 1.25}  # seconds, as TabbyAPI reports them
 
 
 class Server(ThreadingHTTPServer):
@@ -91,7 +112,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_event(self, obj):
         payload = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-        self.write_chunk(f"data: {payload}\n\n".encode())
+        end = "\r\n" if ARGS.crlf else "\n"
+        self.write_chunk(f"data: {payload}{end}{end}".encode())
 
     # ---- routing -------------------------------------------------------
     def do_GET(self):
@@ -107,6 +129,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"id": ARGS.model, "object": "model"})
         if path == "/pid":
             return self.send_json(200, {"pid": os.getpid()})
+        if path == "/requests" and ARGS.record:
+            return self.send_json(200, {"requests": RECORDED})
         self.send_json(404, error_body("not found", "not_found", 404))
 
     def do_POST(self):
@@ -124,6 +148,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError("body is not an object")
         except ValueError:
             return self.send_json(400, error_body("invalid JSON", "invalid_request_error", 400))
+        if ARGS.record:
+            RECORDED.append({"path": path, "body": body})
         if isinstance(body.get("fake_status"), int):  # tests ask for an upstream error status
             status = body["fake_status"]
             return self.send_json(status, error_body(f"fake error {status}", "invalid_request_error", status))
@@ -141,11 +167,20 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # client went away: stop quietly
             return
         usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+        if ARGS.tabby_style:
+            usage.update(TABBY_TIMES)
         text = "".join(tokens)
-        if chat:
+        if chat and ARGS.tool_call and body.get("tools"):
             obj, choice = "chat.completion", {
-                "index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop"}
+                "index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_fake0", "type": "function",
+                    "function": {"name": ARGS.tool_call, "arguments": json.dumps(TOOL_ARGUMENTS)}}]},
+                "finish_reason": "tool_calls"}
+        elif chat:
+            message = {"role": "assistant", "content": text}
+            if ARGS.reasoning > 0:
+                message["reasoning_content"] = "".join(f"think{i} " for i in range(ARGS.reasoning))
+            obj, choice = "chat.completion", {"index": 0, "message": message, "finish_reason": "stop"}
         else:
             obj, choice = "text_completion", {"index": 0, "text": text, "finish_reason": "stop"}
         self.send_json(200, {"id": "chatcmpl-fake" if chat else "cmpl-fake", "object": obj,
@@ -187,10 +222,19 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "text": delta_or_text, "finish_reason": finish}
             return {**base, "choices": [choice], **extra}
 
+        if ARGS.tabby_style:  # sse-starlette's keep-alive comment
+            self.write_chunk(b": ping\r\n\r\n" if ARGS.crlf else b": ping\n\n")
         first = True
-        if chat:
+        if chat and not ARGS.tabby_style:  # TabbyAPI deltas carry no role
             self.send_event(chunk({"role": "assistant", "content": ""}, echo=body))
             first = False
+        for i in range(ARGS.reasoning if chat else 0):
+            payload = chunk({"reasoning_content": f"think{i} "})
+            if first:
+                payload["echo"], first = body, False
+            self.send_event(payload)
+        if chat and ARGS.tool_call and body.get("tools"):
+            return self.stream_tool_call(body, chat, base, chunk, first)
         for i, tok in enumerate(tokens):
             if i == ARGS.error_after:
                 break
@@ -206,15 +250,38 @@ class Handler(BaseHTTPRequestHandler):
             self.send_event(error_body("simulated failure", "server_error", 500))
             self.write_chunk(b"")  # end the stream without [DONE]
             return
-        self.send_event(chunk({} if chat else "", finish="stop",
-                              **({"echo": body} if first else {})))
+        self.finish_stream(body, chat, base, chunk, first, "stop", len(tokens))
+
+    def finish_stream(self, body, chat, base, chunk, first, finish, n):
+        """Send the finish chunk, the usage (own chunk, or inside the finish chunk TabbyAPI-style), [DONE]."""
         opts = body.get("stream_options")
+        usage = None
         if isinstance(opts, dict) and opts.get("include_usage") is True:
-            n = len(tokens)
-            self.send_event({**base, "choices": [], "usage": {
-                "prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}})
+            usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+        extra = {"echo": body} if first else {}
+        if ARGS.tabby_style and usage is not None:
+            extra["usage"] = {**usage, **TABBY_TIMES}
+            usage = None
+        self.send_event(chunk({} if chat else "", finish=finish, **extra))
+        if usage is not None:
+            self.send_event({**base, "choices": [], "usage": usage})
         self.send_event("[DONE]")
         self.write_chunk(b"")
+
+    def stream_tool_call(self, body, chat, base, chunk, first):
+        """Stream one call of --tool-call as llama.cpp does: fragments keyed by index."""
+        arguments = json.dumps(TOOL_ARGUMENTS)
+        cut = [0, len(arguments) // 3, 2 * len(arguments) // 3, len(arguments)]
+        deltas = [{"tool_calls": [{"index": 0, "id": "call_fake0", "type": "function",
+                                   "function": {"name": ARGS.tool_call, "arguments": ""}}]}]
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": arguments[start:end]}}]}
+                   for start, end in zip(cut, cut[1:])]
+        for delta in deltas:
+            payload = chunk(delta)
+            if first:
+                payload["echo"], first = body, False
+            self.send_event(payload)
+        self.finish_stream(body, chat, base, chunk, first, "tool_calls", len(deltas))
 
 
 def main(argv=None):

@@ -61,8 +61,11 @@ class FakeProcess:
             raise self.failure
         return 0.0
 
-    def stop(self, grace_s: float) -> int:
+    progress = None
+
+    def stop(self, grace_s: float, successor: ModelConfig | None = None) -> int:
         self.stopped.set()
+        self.successor = successor
         return 0
 
     def tail(self, lines: int = 20) -> str:
