@@ -116,7 +116,8 @@ def key_level(key):
         pass
     api_keys = STATE["tokens"].get("api_key")
     api_keys = api_keys if isinstance(api_keys, list) else [api_keys]
-    if key and key == str(STATE["tokens"].get("admin_key")):
+    admin_key = STATE["tokens"].get("admin_key")
+    if key and admin_key is not None and key == str(admin_key):
         return "admin"
     return "api" if key and key in [str(k) for k in api_keys if k is not None] else None
 
@@ -485,7 +486,8 @@ def main(argv=None):
     return 0
 
 
-def make_tabby_dir(path, models=("m1",), config=None, tokens=None):
+def make_tabby_dir(path: "str | os.PathLike[str]", models: "tuple[str, ...] | list[str]" = ("m1",),
+                   config: "dict | None" = None, tokens: "dict | None" = None) -> Path:
     """Create a TabbyAPI folder at path and return it: main.py running this stand-in, models/<name>/config.json
     for each name, config.yml from config (a dict) and api_tokens.yml from tokens ({api_key, admin_key})."""
     root, me = Path(path), str(Path(__file__).resolve())

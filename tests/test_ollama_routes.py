@@ -16,10 +16,8 @@ import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import requests
 
@@ -141,11 +139,9 @@ def last_upstream(proxy: ProxyProcess, model: str) -> dict[str, Any]:
     return upstream_requests(proxy, model)[-1]
 
 
-def pid_running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def backend_pids(proxy: ProxyProcess) -> list[int]:
+    """Return the PIDs of the proxy's live (non-zombie) backend processes."""
+    return [backend.pid for backend in proxy.backends()]
 
 
 def chat_body(model: str, content: str = "Say hello.", **fields: Any) -> dict[str, Any]:
@@ -642,7 +638,7 @@ def test_empty_request_loads_and_keep_alive_zero_unloads(proxy: ProxyProcess, pa
     else:
         assert answer["response"] == ""
     pid = loader_pid(proxy)
-    assert pid is not None and pid in [backend.pid for backend in proxy.backends()]
+    assert pid is not None and pid in backend_pids(proxy)
     assert "loader:latest" in [entry["name"] for entry in proxy.get("/api/ps").json()["models"]]
 
     unload = {**load, "keep_alive": 0}
@@ -650,8 +646,8 @@ def test_empty_request_loads_and_keep_alive_zero_unloads(proxy: ProxyProcess, pa
         unload["messages"] = []
     answer = proxy.post(path, unload).json()
     assert answer["done"] is True and answer["done_reason"] == "unload" and answer["model"] == "loader:latest"
-    proxy.wait_for(lambda: not pid_running(pid), timeout_s=3, what="the loader backend to exit")
-    assert pid not in [backend.pid for backend in proxy.backends()]
+    proxy.wait_for(lambda: pid not in backend_pids(proxy), timeout_s=3, what="the loader backend to exit")
+    assert pid not in proxy.surviving_backends()  # checked in the OS process table
     assert proxy.status("loader")["state"] == "stopped"
     assert "loader:latest" not in [entry["name"] for entry in proxy.get("/api/ps").json()["models"]]
 
