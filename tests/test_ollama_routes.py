@@ -339,6 +339,18 @@ def test_tokens_are_relayed_as_they_arrive(proxy: ProxyProcess) -> None:
     assert all(gap > 0.1 for gap in gaps), gaps
 
 
+def test_ps_shows_now_plus_keep_alive_while_a_request_runs(proxy: ProxyProcess) -> None:
+    response = proxy.post("/api/chat", chat_body("slow", keep_alive="2m"), stream=True)
+    lines = response.iter_lines()
+    assert json.loads(next(lines))["done"] is False  # the stream is running: the model holds a lease
+    [entry] = [entry for entry in proxy.get("/api/ps").json()["models"] if entry["name"] == "slow:latest"]
+    now = datetime.now().astimezone()
+    expires = datetime.fromisoformat(entry["expires_at"])
+    assert now + timedelta(seconds=100) < expires <= now + timedelta(seconds=121), (now, expires)
+    records = [json.loads(line) for line in lines]
+    assert records[-1]["done"] is True and proxy.status("slow")["leases"] == 0
+
+
 # ----- request translation (seen by the recording backend) ------------------------------------------
 
 def test_chat_request_is_translated_for_the_backend(proxy: ProxyProcess) -> None:
@@ -646,9 +658,9 @@ def test_empty_request_loads_and_keep_alive_zero_unloads(proxy: ProxyProcess, pa
         unload["messages"] = []
     answer = proxy.post(path, unload).json()
     assert answer["done"] is True and answer["done_reason"] == "unload" and answer["model"] == "loader:latest"
-    proxy.wait_for(lambda: pid not in backend_pids(proxy), timeout_s=3, what="the loader backend to exit")
+    proxy.wait_for(lambda: pid not in backend_pids(proxy) and proxy.status("loader")["state"] == "stopped",
+                   timeout_s=3, what="the loader backend to exit")
     assert pid not in proxy.surviving_backends()  # checked in the OS process table
-    assert proxy.status("loader")["state"] == "stopped"
     assert "loader:latest" not in [entry["name"] for entry in proxy.get("/api/ps").json()["models"]]
 
     again = proxy.post(path, unload)  # unloading what is not loaded is still a 200 "unload"
