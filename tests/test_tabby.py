@@ -212,3 +212,25 @@ def test_failed_in_place_load_falls_back_to_a_fresh_process(start_proxy: Start, 
     assert "in-place load failed" in proxy.log()
     backends = proxy.backends()
     assert len(backends) == 1 and backends[0].pid == proxy.status("second")["pid"]
+
+
+def test_in_place_load_progress_shows_in_status(start_proxy: Start, tabby_dir: Path) -> None:
+    proxy = start_tabby(start_proxy, tabby_dir, {
+        "first": {**tabby_profile("m1", load_delay=1.5), "resident_group": "gpu0"},
+        "second": {**tabby_profile("m2", load_delay=1.5), "resident_group": "gpu0"},
+    })
+    assert proxy.chat("first").status_code == 200
+    holder: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: holder.setdefault("r", proxy.chat("second")))
+    thread.start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        progress = proxy.status("second")["progress"]
+        if progress:
+            seen.append(progress)
+        time.sleep(0.05)
+    thread.join(10)
+    assert holder["r"].status_code == 200
+    assert seen and seen[0].startswith("loading")
+    assert proxy.status("second")["progress"] is None

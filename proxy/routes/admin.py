@@ -55,6 +55,7 @@ def status_record(entry: ModelStatus) -> dict[str, Any]:
         "expires_at": entry.expires_at.isoformat() if entry.expires_at else None,
         "ready_since": entry.ready_since.isoformat() if entry.ready_since else None,
         "requests_served": entry.requests_served,
+        "progress": entry.progress,
         "last_error": entry.last_error,
     }
 
