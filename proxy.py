@@ -1,6 +1,8 @@
-"""Run the proxy: python proxy.py [--config config.yml] [--host H] [--port P].
+"""Run the proxy: python proxy.py [--config config.yml] [--host H] [--port P]; manage keys with
+python proxy.py keys add|list|remove|rotate.
 
-A thin script: flags, logging, config, the app on waitress, and one finally that stops every child.
+A thin script: flags, logging, config, the app on waitress, and one finally that drains running
+answers and stops every child.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import dataclasses
 import logging
 import signal
 import sys
-from types import FrameType
+import threading
+from pathlib import Path
+from typing import Any
 
 import waitress
 
 from proxy.app import create_app
-from proxy.auth import load_keys
+from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
 from proxy.config import ConfigError, load_config
 from proxy.manager import ModelManager, ProcessLauncher
 from proxy.reloader import Reloader
@@ -25,19 +29,31 @@ log = logging.getLogger("proxy")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Model-swapping proxy for local LLM servers.")
-    parser.add_argument("--config", default="config.yml", help="config file (default: config.yml)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="config.yml", help="config file (default: config.yml)")
+    parser = argparse.ArgumentParser(description="Model-swapping proxy for local LLM servers.", parents=[common])
     parser.add_argument("--host", help="address to listen on (overrides proxy.host)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides proxy.port)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command")
+    keys = commands.add_parser("keys", parents=[common], help="manage API keys in api_tokens.yml")
+    actions = keys.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", parents=[common], help="add a named key and print it once")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="the key may use admin routes (/unload, /reload)")
+    add.add_argument("--rate-limit", help='requests per time, like "60/min"')
+    actions.add_parser("list", parents=[common], help="list key names (never the keys)")
+    actions.add_parser("remove", parents=[common], help="remove a named key").add_argument("name")
+    actions.add_parser("rotate", parents=[common], help="give a key a new value and print it once").add_argument("name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     try:
         config = load_config(args.config)
+        if args.command == "keys":
+            return manage_keys(args, config.proxy.api_tokens_path)
         overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
         config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, **overrides))
-        keys = load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
+        keys_loaded = load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -48,30 +64,73 @@ def main(argv: list[str] | None = None) -> int:
     registry.reap_stale(config.proxy.stop_grace_s)  # before binding: a crashed proxy's children hold ports
     launcher = ProcessLauncher(config, registry)
     manager = ModelManager(config, launcher)
-    app = create_app(config, manager, keys)
+    app = create_app(config, manager, keys_loaded)
     reloader = Reloader(app.extensions["proxy"], launcher)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    server = waitress.create_server(
+        app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads, ident="model-proxy",
+        send_bytes=1,  # every chunk leaves at once: tokens are never held back
+        channel_request_lookahead=1,  # lets waitress notice a client that leaves while its request waits
+        max_request_body_size=int(config.proxy.max_body_mb * 1024 * 1024) + 1,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
     try:
         manager.start_reaper()
         reloader.start()
+        threading.Thread(target=server.run, name="http", daemon=True).start()
         log.info("serving %d model(s) on http://%s:%d (auth %s)", len(config.models), config.proxy.host,
                  config.proxy.port, "off" if config.proxy.disable_auth else f"on, keys in {config.proxy.api_tokens_path}")
-        waitress.serve(app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads,
-                       ident="model-proxy", send_bytes=1,
-                       # > 0 lets waitress notice a client that leaves while its request waits
-                       channel_request_lookahead=1)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(1.0):
+            pass
     finally:
+        stop_accepting(server)
+        drain_s = config.proxy.drain_timeout_s
+        log.info("shutting down: no new requests; waiting up to %gs for running answers", drain_s)
+        if not manager.drain(drain_s):
+            log.warning("answers still running after %gs (proxy.drain_timeout); stopping them", drain_s)
         reloader.stop()
         manager.shutdown()
         launcher.close()
     return 0
 
 
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)  # unwinds waitress.serve in the main thread into main()'s finally
+def stop_accepting(server: Any) -> None:
+    """Close the listening socket(s) inside waitress's loop thread; open connections carry on."""
+    listeners = [server] if hasattr(server, "socket") and hasattr(server, "accepting") else list(
+        getattr(server, "map", {}).values())
+    done = threading.Event()
+
+    def close() -> None:
+        for listener in listeners:
+            if getattr(listener, "accepting", False):
+                listener.accepting = False
+                listener.del_channel()
+                listener.socket.close()
+        done.set()
+
+    if listeners:
+        listeners[0].trigger.pull_trigger(close)
+        done.wait(5.0)
+
+
+def manage_keys(args: argparse.Namespace, path: Path) -> int:
+    """`keys add|list|remove|rotate`: edit api_tokens.yml; a running proxy picks the change up."""
+    if args.action == "add":
+        print(add_key(path, args.name, admin=args.admin, rate_limit=args.rate_limit))
+        print(f"added key {args.name!r} to {path}; it is shown only now", file=sys.stderr)
+    elif args.action == "list":
+        for entry in list_keys(path):
+            limit = f"  rate limit {entry.rate_limit}" if entry.rate_limit else ""
+            print(f"{entry.name:<24} {'admin' if entry.admin else 'api':<6}{limit}")
+    elif args.action == "remove":
+        remove_key(path, args.name)
+        print(f"removed key {args.name!r} from {path}", file=sys.stderr)
+    elif args.action == "rotate":
+        print(rotate_key(path, args.name))
+        print(f"rotated key {args.name!r} in {path}; the old value no longer works", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

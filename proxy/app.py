@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from proxy.app_context import ProxyContext
@@ -22,6 +23,7 @@ from proxy.routes import admin, ollama, openai
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
+body_log = logging.getLogger("proxy.bodies")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -39,6 +41,12 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
         pool_size=config.proxy.threads,
     )
     app.extensions["proxy"] = ProxyContext(manager, upstream, keys, time.time())
+    app.config["MAX_CONTENT_LENGTH"] = int(config.proxy.max_body_mb * 1024 * 1024)  # 413 beyond it
+    if config.proxy.cors_origins:  # off by default: browsers may call the API only from these origins
+        CORS(app, origins=list(config.proxy.cors_origins), allow_headers=["Authorization", "Content-Type",
+             "x-api-key"], expose_headers=["Retry-After"], max_age=600)
+    if config.proxy.log_bodies:  # opt-in: bodies hold prompts
+        app.before_request(log_body)
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ollama.bp)
@@ -66,6 +74,11 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     return app
 
 
+def log_body() -> None:
+    if request.method == "POST":
+        body_log.debug("%s %s body: %s", request.method, request.path, request.get_data(cache=True)[:4000])
+
+
 class AccessLog:
     """WSGI middleware writing one line per request when its body is finished (streams included)."""
 
@@ -82,8 +95,9 @@ class AccessLog:
 
         body = self._wrapped(environ, record_status)
         return _Counted(body, lambda sent: access_log.info(
-            "%s %s %s model=%s %.3fs %dB", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
-            status[0] if status else "-", environ.get("proxy.model", "-"), time.monotonic() - started, sent))
+            "%s %s %s model=%s key=%s %.3fs %dB", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+            status[0] if status else "-", environ.get("proxy.model", "-"), environ.get("proxy.key", "-"),
+            time.monotonic() - started, sent))
 
 
 class _Counted:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from flask import current_app
+from collections.abc import Callable
 
-from proxy.auth import Keys
+from flask import current_app, request
+
+from proxy.auth import Keys, RateLimiter
 from proxy.config import Config
 from proxy.manager import ModelManager
 from proxy.upstream import Upstream
@@ -18,6 +20,15 @@ class ProxyContext:
         self.upstream = upstream
         self.keys = keys
         self.started_at = started_at
+        self.limiter = RateLimiter()
+        self.reload: Callable[[], bool] | None = None  # set by proxy.py when live reload runs
+
+    def authorize(self, *, admin: bool = False) -> None:
+        """Check the request's key (and its rate limit); remember the key's name for the access log."""
+        entry = self.keys.check(request.headers, admin=admin)
+        if entry is not None:
+            request.environ["proxy.key"] = entry.name
+        self.limiter.check(entry)
 
     @property
     def config(self) -> Config:

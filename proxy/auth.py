@@ -1,49 +1,86 @@
-"""API keys: loading api_tokens.yml (TabbyAPI's format), constant-time checks, the request gate.
+"""API keys: api_tokens.yml (TabbyAPI's `api_key`/`admin_key`, plus named `keys`), constant-time checks,
+per-key rate limits, and safe edits of the file for `python proxy.py keys ...`.
 
-Never logs keys or headers.
+Never logs keys or headers; logs and errors name keys by their name only.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
+import re
 import secrets
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from werkzeug.datastructures import Headers as WerkzeugHeaders
 
 from proxy.config import ConfigError
-from proxy.errors import Forbidden, Unauthorized
+from proxy.errors import Forbidden, RateLimited, Unauthorized
 
 log = logging.getLogger(__name__)
 
-
 Headers = WerkzeugHeaders | Mapping[str, str]
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+RATE = re.compile(r"\s*([0-9]+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+WINDOWS_S = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests: int
+    per_s: float
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "min", 3600: "h"}.get(int(self.per_s), f"{self.per_s:g}s")
+        return f"{self.requests}/{unit}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    name: str
+    key: str = field(repr=False)
+    admin: bool = False
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    api_keys: tuple[str, ...]
-    admin_keys: tuple[str, ...]
+    entries: tuple[KeyEntry, ...]
     disabled: bool = False
 
-    def check(self, headers: Headers, *, admin: bool = False) -> None:
-        """Raise Unauthorized (no or unknown key) or Forbidden (an API key on an admin route)."""
+    def check(self, headers: Headers, *, admin: bool = False) -> KeyEntry | None:
+        """Return the caller's key entry (None with auth disabled).
+
+        Raises Unauthorized (no or unknown key) or Forbidden (a non-admin key on an admin route).
+        The Host header plays no part.
+        """
         if self.disabled:
-            return
+            return None
         presented = presented_keys(headers)
         if not presented:
             raise Unauthorized("an API key is required: send Authorization: Bearer <key> or x-api-key: <key>")
-        if any(_matches(key, self.admin_keys) for key in presented):
-            return
-        if not any(_matches(key, self.api_keys) for key in presented):
+        entry = self._match(presented)
+        if entry is None:
             raise Unauthorized("invalid API key")
-        if admin:
-            raise Forbidden("this route needs the admin key (admin_key in api_tokens.yml)")
+        if admin and not entry.admin:
+            raise Forbidden("this route needs an admin key (admin_key, or a key with admin: true)")
+        return entry
+
+    def _match(self, presented: list[str]) -> KeyEntry | None:
+        found: KeyEntry | None = None
+        for candidate in presented:
+            for entry in self.entries:  # every comparison runs: timing says nothing about which matched
+                if hmac.compare_digest(candidate.encode(), entry.key.encode()) and (found is None or entry.admin):
+                    found = entry
+        return found
 
 
 def presented_keys(headers: Headers) -> list[str]:
@@ -54,39 +91,99 @@ def presented_keys(headers: Headers) -> list[str]:
     return [key for key in keys if key]
 
 
-def _matches(candidate: str, keys: Iterable[str]) -> bool:
-    matched = False
-    for key in keys:  # compare against every key so timing says nothing about which one matched
-        matched |= hmac.compare_digest(candidate.encode(), key.encode())
-    return matched
-
-
 def load_keys(path: Path, *, disabled: bool = False) -> Keys:
     """Read api_tokens.yml; create it with random keys when missing (as TabbyAPI does)."""
     if disabled:
-        return Keys((), (), disabled=True)
+        return Keys((), disabled=True)
     if not path.exists():
         create_tokens_file(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read API keys: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected api_key and admin_key")
-    api = _key_list(path, "api_key", raw.get("api_key"))
-    admin = _key_list(path, "admin_key", raw.get("admin_key"))
-    if not admin:
-        raise ConfigError(f"{path}: admin_key: required")
-    return Keys(api, admin)
+    return keys_from(path, _read(path))
 
 
-def _key_list(path: Path, field: str, value: object) -> tuple[str, ...]:
-    values = value if isinstance(value, list) else [] if value is None else [value]
-    for item in values:
-        if not isinstance(item, str) or len(item) < 8:
-            raise ConfigError(f"{path}: {field}: expected a key string of at least 8 characters")
-    return tuple(values)
+def keys_from(path: Path, raw: Mapping[str, Any]) -> Keys:
+    """Validate the content of an api_tokens.yml (path is for messages)."""
+    entries = [KeyEntry(name, key) for name, key in _legacy(path, "api_key", raw.get("api_key"))]
+    entries += [KeyEntry(name, key, admin=True) for name, key in _legacy(path, "admin_key", raw.get("admin_key"))]
+    named = raw.get("keys") or []
+    if not isinstance(named, list):
+        raise ConfigError(f"{path}: keys: expected a list of {{name, key, admin, rate_limit}}")
+    for index, item in enumerate(named):
+        entries.append(_named_key(path, index, item))
+    names = [entry.name for entry in entries]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise ConfigError(f"{path}: keys: the name {duplicate!r} is used twice")
+    if not any(entry.admin for entry in entries):
+        raise ConfigError(f"{path}: admin_key: required (or a key with admin: true)")
+    return Keys(tuple(entries))
 
+
+def _legacy(path: Path, field_name: str, value: object) -> list[tuple[str, str]]:
+    given = value if isinstance(value, list) else [] if value is None else [value]
+    values = [item for item in given if isinstance(item, str) and len(item) >= 8]
+    if len(values) != len(given):
+        raise ConfigError(f"{path}: {field_name}: expected a key string of at least 8 characters")
+    if len(values) == 1:
+        return [(field_name, values[0])]
+    return [(f"{field_name}[{index}]", item) for index, item in enumerate(values)]
+
+
+def _named_key(path: Path, index: int, item: object) -> KeyEntry:
+    where = f"{path}: keys[{index}]"
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected {{name, key, admin, rate_limit}}")
+    unknown = set(item) - {"name", "key", "admin", "rate_limit"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    name, key, admin = item.get("name"), item.get("key"), item.get("admin", False)
+    if not isinstance(name, str) or not KEY_NAME.fullmatch(name):
+        raise ConfigError(f"{where}.name: expected a name matching {KEY_NAME.pattern}, got {name!r}")
+    if not isinstance(key, str) or len(key) < 8:
+        raise ConfigError(f"{where}.key: expected a key string of at least 8 characters")
+    if not isinstance(admin, bool):
+        raise ConfigError(f"{where}.admin: expected true or false, got {admin!r}")
+    return KeyEntry(name, key, admin, parse_rate_limit(item.get("rate_limit"), f"{where}.rate_limit"))
+
+
+def parse_rate_limit(value: object, where: str) -> RateLimit | None:
+    """Return a rate limit from "60/min", "5/s", "1000/h" or a number of requests per minute."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return RateLimit(value, 60.0)
+    match = RATE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ConfigError(f'{where}: expected requests per time like "60/min", "5/s" or "1000/h", got {value!r}')
+    return RateLimit(int(match.group(1)), float(WINDOWS_S[match.group(2)]))
+
+
+class RateLimiter:
+    """Token buckets per key name: a key may burst up to its limit, refilled evenly over the window."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+
+    def check(self, entry: KeyEntry | None) -> None:
+        """Take one request from the key's bucket; raise RateLimited (429, Retry-After) when empty."""
+        if entry is None or entry.rate_limit is None:
+            return
+        limit = entry.rate_limit
+        rate = limit.requests / limit.per_s
+        with self._lock:
+            now = self._clock()
+            tokens, at = self._buckets.get(entry.name, (float(limit.requests), now))
+            tokens = min(float(limit.requests), tokens + (now - at) * rate)
+            if tokens < 1:
+                self._buckets[entry.name] = (tokens, now)
+                retry_after = max(1, math.ceil((1 - tokens) / rate))
+                raise RateLimited(f"rate limit of key {entry.name!r} exceeded ({limit}); retry in {retry_after}s",
+                                  retry_after_s=retry_after)
+            self._buckets[entry.name] = (tokens - 1, now)
+
+
+# ----- the file, for `python proxy.py keys ...` -------------------------------------------------------
 
 def create_tokens_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,3 +192,80 @@ def create_tokens_file(path: Path) -> None:
     with os.fdopen(descriptor, "w", encoding="utf-8") as sink:
         sink.write(text)
     log.warning("created %s with new random API keys (api_key for clients, admin_key for /unload)", path)
+
+
+def add_key(path: Path, name: str, *, admin: bool = False, rate_limit: str | None = None) -> str:
+    """Add a named key to the file and return it (the only time it is shown)."""
+    if not KEY_NAME.fullmatch(name):
+        raise ConfigError(f"key name {name!r}: expected letters, digits, '.', '_', '@' or '-'")
+    parse_rate_limit(rate_limit, "--rate-limit")
+    raw = _read(path) if path.exists() else {}
+    if name in {entry.name for entry in keys_from(path, raw).entries} if raw else False:
+        raise ConfigError(f"{path}: a key named {name!r} exists; use rotate to replace it")
+    key = secrets.token_hex(24)
+    item: dict[str, Any] = {"name": name, "key": key}
+    if admin:
+        item["admin"] = True
+    if rate_limit:
+        item["rate_limit"] = rate_limit
+    raw["keys"] = [*(raw.get("keys") or []), item]
+    if "admin_key" not in raw and not admin and not any(k.get("admin") for k in raw["keys"]):
+        raw["admin_key"] = secrets.token_hex(16)
+    _write(path, raw)
+    return key
+
+
+def remove_key(path: Path, name: str) -> None:
+    raw = _read(path)
+    named = raw.get("keys") or []
+    remaining = [item for item in named if item.get("name") != name]
+    if len(remaining) == len(named):
+        raise ConfigError(f"{path}: no named key {name!r} (see: python proxy.py keys list)")
+    raw["keys"] = remaining
+    keys_from(path, raw)  # refuse an edit that leaves no admin key
+    _write(path, raw)
+
+
+def rotate_key(path: Path, name: str) -> str:
+    """Give a key (named, or admin_key/api_key) a new random value; return it."""
+    raw = _read(path)
+    key = secrets.token_hex(24)
+    if name in ("admin_key", "api_key") and isinstance(raw.get(name), str):
+        raw[name] = key
+    else:
+        item = next((item for item in raw.get("keys") or [] if item.get("name") == name), None)
+        if item is None:
+            raise ConfigError(f"{path}: no key named {name!r} (see: python proxy.py keys list)")
+        item["key"] = key
+    _write(path, raw)
+    return key
+
+
+def list_keys(path: Path) -> list[KeyEntry]:
+    return list(load_keys(path).entries)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read API keys: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected api_key, admin_key and keys")
+    return raw
+
+
+def _write(path: Path, raw: dict[str, Any]) -> None:
+    """Replace the file atomically (a temporary file, fsync, rename), readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as sink:
+            yaml.safe_dump(raw, sink, sort_keys=False)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

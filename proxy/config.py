@@ -63,6 +63,12 @@ class ProxySettings:
     tabby_dir: Path | None = None
     tabby_python: str | None = None
     tabby_auth: str = "off"  # "off": TabbyAPI runs with auth disabled on loopback; "keys": it keeps its keys
+    max_body_mb: float = 64.0      # larger request bodies get 413
+    max_concurrent: int = 0        # requests per model at once (0: no limit); more wait in the queue
+    max_queue: int = 512           # requests waiting for a model, all models together; more get 503
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running answers may take to finish
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
+    log_bodies: bool = False       # log request bodies at DEBUG (prompts!); off by default
     ollama_version: str = DEFAULT_OLLAMA_VERSION
 
 
@@ -300,6 +306,7 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         "host", "port", "threads", "unload_timer", "max_loaded_models", "startup_timeout", "stop_grace",
         "queue_timeout", "connect_timeout", "read_timeout", "backend_ports", "profiles_dir", "api_tokens",
         "state_dir", "disable_auth", "tabby_dir", "tabby_python", "tabby_auth", "ollama_version",
+        "max_body_mb", "max_concurrent", "max_queue", "drain_timeout", "cors_origins", "log_bodies",
     })
     defaults = ProxySettings()
     port = node.get("port", int, defaults.port)
@@ -329,8 +336,30 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         tabby_dir=tabby_dir,
         tabby_python=_program(node.get("tabby_python", str, None), base),
         tabby_auth=_choice(node, "tabby_auth", ("off", "keys"), "off"),
+        max_body_mb=float(node.positive("max_body_mb", defaults.max_body_mb)),
+        max_concurrent=_non_negative(node, "max_concurrent", defaults.max_concurrent),
+        max_queue=node.positive("max_queue", defaults.max_queue, integer=True),
+        drain_timeout_s=float(_non_negative(node, "drain_timeout", defaults.drain_timeout_s)),
+        cors_origins=_origins(node),
+        log_bodies=node.get("log_bodies", bool, False),
         ollama_version=_semver(node),
     )
+
+
+def _non_negative(node: _Node, key: str, default: float) -> Any:
+    value = node.get(key, (int, float), default)
+    if value < 0:
+        raise node.fail(key, f"expected a number >= 0, got {value!r}")
+    return value
+
+
+def _origins(node: _Node) -> tuple[str, ...]:
+    origins = node.get("cors_origins", (list, str), [])
+    origins = [origins] if isinstance(origins, str) else origins
+    for origin in origins:
+        if not isinstance(origin, str) or not (origin == "*" or re.fullmatch(r"https?://[^/\s]+", origin)):
+            raise node.fail("cors_origins", f'expected origins like "https://chat.example.org", got {origin!r}')
+    return tuple(origins)
 
 
 def _choice(node: _Node, key: str, choices: tuple[str, ...], default: str) -> str:

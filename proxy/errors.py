@@ -76,6 +76,25 @@ class ModelBusy(ProxyError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limited"
+    kind = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+    kind = "invalid_request_error"
+
+
 class UpstreamError(ProxyError):
     """A backend answered with an error status; Ollama routes pass it on in their own shape."""
 

@@ -150,6 +150,7 @@ class ModelManager:
         }
         self._queue: list[_Ticket] = []  # guarded by _cond
         self._closed = False             # guarded by _cond
+        self._draining = False           # guarded by _cond: shutting down, running requests may finish
         self._starting_threads = 0       # guarded by _cond: starts whose process may be unpublished
         self._reaper_wake = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -168,6 +169,11 @@ class ModelManager:
         ticket = _Ticket(name, keep_alive_s, cancelled)
         with self._cond:
             self._runtime(name)
+            if self._closed or self._draining:
+                raise ModelBusy("the proxy is shutting down", retry_after_s=10)
+            if len(self._queue) >= self._config.proxy.max_queue:
+                raise ModelBusy(f"server busy, please try again: {len(self._queue)} requests are waiting "
+                                "(proxy.max_queue)", retry_after_s=2)
             wait_s = self._config.proxy.queue_timeout_s if timeout_s is None else timeout_s
             self._queue.append(ticket)
         started = time.monotonic()
@@ -188,13 +194,13 @@ class ModelManager:
     def _next_step(self, ticket: _Ticket, deadline: float, wait_s: float) -> Lease | Callable[[], None]:
         """Under the lock: grant a lease, claim a transition to run, or wait. Raises on failure."""
         while True:
-            if self._closed:
+            if self._closed or self._draining:
                 raise ModelBusy("the proxy is shutting down", retry_after_s=10)
             if ticket.cancelled is not None and ticket.cancelled():
                 raise ClientGone(f"{ticket.name}: the client closed the connection while waiting")
             runtime = self._runtime(ticket.name)
             state = runtime.state
-            if state is State.READY and not self._is_draining(runtime):
+            if state is State.READY and not self._is_draining(runtime) and self._has_room(runtime, ticket):
                 return self._grant(runtime, ticket)
             if state is State.STARTING:
                 ticket.attempt_seen = runtime.attempt  # join this start; its failure is ours
@@ -214,6 +220,16 @@ class ModelManager:
             if ticket.cancelled is not None:
                 remaining = min(remaining, CANCEL_POLL_S)  # a disconnect wakes nobody: look again soon
             self._cond.wait(remaining)
+
+    def _has_room(self, runtime: _Runtime, ticket: _Ticket) -> bool:
+        """Say whether the model takes one more request now (proxy.max_concurrent), first come first served."""
+        limit = self._config.proxy.max_concurrent
+        if not limit:
+            return True
+        if runtime.leases >= limit:
+            return False
+        first = next(waiting for waiting in self._queue if waiting.name == ticket.name)
+        return first is ticket
 
     def _runtime(self, name: str) -> _Runtime:
         runtime = self._models.get(name)
@@ -534,6 +550,15 @@ class ModelManager:
                 wait_s = 1.0
             self._reaper_wake.wait(min(wait_s, 60.0))
             self._reaper_wake.clear()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait up to timeout_s for running ones to end; return whether they did."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()  # waiters answer 503 now
+            return self._cond.wait_for(
+                lambda: not self._queue and all(runtime.leases == 0 for runtime in self._models.values()),
+                timeout=timeout_s)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, wake every waiter and stop every child. Blocks until they are reaped."""

@@ -17,7 +17,7 @@ from proxy.manager import ProcessLauncher
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0
-RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir")
+RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir", "cors_origins", "max_body_mb", "log_bodies")
 
 
 class Reloader:
@@ -36,6 +36,7 @@ class Reloader:
         self._requested.set()
 
     def start(self) -> None:
+        self._context.reload = self.reload
         threading.Thread(target=self._run, name="config-reloader", daemon=True).start()
 
     def stop(self) -> None:

@@ -149,7 +149,7 @@ class ProxyProcess:
         return self.post("/v1/chat/completions", body, stream=bool(fields.get("stream")))
 
     def status(self, name: str) -> dict[str, Any]:
-        models = self.http.get(self.url + "/status", timeout=10).json()["models"]
+        models = self.http.get(self.url + "/status", headers=self.headers(), timeout=10).json()["models"]
         return next(model for model in models if model["name"] == name)
 
     def backends(self) -> list[psutil.Process]:

@@ -34,7 +34,9 @@ def proxy(start_proxy: Start) -> ProxyProcess:
 def test_open_routes_need_no_key_and_others_do(proxy: ProxyProcess) -> None:
     plain = proxy.http
     assert plain.get(proxy.url + "/health").json() == {"status": "ok"}
-    assert plain.get(proxy.url + "/status").status_code == 200
+    assert plain.get(proxy.url + "/ping").status_code == 200
+    assert plain.get(proxy.url + "/status").status_code == 401  # pids and errors need a key
+    assert proxy.get("/status").status_code == 200
     for path in ("/v1/models",):
         response = plain.get(proxy.url + path)
         assert response.status_code == 401
@@ -227,7 +229,7 @@ def test_force_unload_cuts_a_running_stream(start_proxy: Start) -> None:
 
 def test_status_reports_every_model(proxy: ProxyProcess) -> None:
     assert proxy.chat("fake", keep_alive="10s").status_code == 200
-    status = proxy.http.get(proxy.url + "/status").json()
+    status = proxy.get("/status").json()
     assert status["version"] and status["uptime_s"] >= 0 and status["max_loaded_models"] == 1
     fake = next(model for model in status["models"] if model["name"] == "fake")
     assert fake["state"] == "ready" and fake["pid"] and fake["port"] and fake["leases"] == 0

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, jsonify, request
 
 import proxy
 from proxy.app_context import ProxyContext
-from proxy.errors import BadRequest, ProxyError, render_openai_error
+from proxy.errors import BadRequest, ProxyError, Unsupported, render_openai_error
 from proxy.manager import ModelStatus
 from proxy.pipeline import resolve_model
 
@@ -30,9 +30,15 @@ def health() -> Response:
     return jsonify({"status": "ok"})
 
 
+@bp.get("/ping")
+def ping() -> Response:
+    return jsonify({"status": "ok"})
+
+
 @bp.get("/status")
 def status() -> Response:
     context = ProxyContext.current()
+    context.authorize()  # pids, ports and backend errors are not for anonymous callers
     return jsonify({
         "version": proxy.__version__,
         "uptime_s": round(time.time() - context.started_at, 3),
@@ -63,7 +69,7 @@ def status_record(entry: ModelStatus) -> dict[str, Any]:
 @bp.route("/unload", methods=["GET", "POST"])
 def unload() -> Response:
     context = ProxyContext.current()
-    context.keys.check(request.headers, admin=True)
+    context.authorize(admin=True)
     body = request.get_json(force=True, silent=True) if request.method == "POST" and request.data else {}
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object like {\"model\": \"name\", \"force\": false}")
@@ -72,6 +78,18 @@ def unload() -> Response:
     name = None if requested in (None, "") else resolve_model(context.config, requested).name
     stopped = context.manager.unload(name, force=force)
     return jsonify({"unloaded": stopped})
+
+
+@bp.post("/reload")
+def reload() -> Response:
+    """Read config.yml, the profiles and api_tokens.yml again (as SIGHUP does) and say whether it worked."""
+    context = ProxyContext.current()
+    context.authorize(admin=True)
+    if context.reload is None:
+        raise Unsupported("live reload is not running in this process")
+    if not context.reload():
+        raise BadRequest("the new configuration is invalid; the running one is kept (see the proxy's log)")
+    return jsonify({"reloaded": True, "models": list(context.config.models)})
 
 
 def _flag(value: object) -> bool:

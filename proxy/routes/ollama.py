@@ -53,7 +53,7 @@ OLLAMA_PARAMETER_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "re
 @bp.before_request
 def require_key() -> None:
     if request.endpoint not in OPEN_ENDPOINTS:
-        ProxyContext.current().keys.check(request.headers)
+        ProxyContext.current().authorize()
 
 
 @bp.errorhandler(ProxyError)

@@ -20,7 +20,7 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @bp.before_request
 def require_key() -> None:
-    ProxyContext.current().keys.check(request.headers)
+    ProxyContext.current().authorize()
 
 
 @bp.errorhandler(ProxyError)
