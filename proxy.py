@@ -29,22 +29,21 @@ log = logging.getLogger("proxy")
 
 
 def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default="config.yml", help="config file (default: config.yml)")
-    parser = argparse.ArgumentParser(description="Model-swapping proxy for local LLM servers.", parents=[common])
+    parser = argparse.ArgumentParser(description="Model-swapping proxy for local LLM servers.")
+    parser.add_argument("--config", default="config.yml", help="config file (default: config.yml); before `keys`")
     parser.add_argument("--host", help="address to listen on (overrides proxy.host)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides proxy.port)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command")
-    keys = commands.add_parser("keys", parents=[common], help="manage API keys in api_tokens.yml")
+    keys = commands.add_parser("keys", help="manage API keys in api_tokens.yml")
     actions = keys.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", parents=[common], help="add a named key and print it once")
+    add = actions.add_parser("add", help="add a named key and print it once")
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="the key may use admin routes (/unload, /reload)")
     add.add_argument("--rate-limit", help='requests per time, like "60/min"')
-    actions.add_parser("list", parents=[common], help="list key names (never the keys)")
-    actions.add_parser("remove", parents=[common], help="remove a named key").add_argument("name")
-    actions.add_parser("rotate", parents=[common], help="give a key a new value and print it once").add_argument("name")
+    actions.add_parser("list", help="list key names (never the keys)")
+    actions.add_parser("remove", help="remove a named key").add_argument("name")
+    actions.add_parser("rotate", help="give a key a new value and print it once").add_argument("name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -70,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads, ident="model-proxy",
         send_bytes=1,  # every chunk leaves at once: tokens are never held back
         channel_request_lookahead=1,  # lets waitress notice a client that leaves while its request waits
-        max_request_body_size=int(config.proxy.max_body_mb * 1024 * 1024) + 1,
+        # A backstop above Flask's limit, which answers 413 in each route's own error shape.
+        max_request_body_size=int(config.proxy.max_body_mb * 1024 * 1024) * 2 + 1024 * 1024,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
