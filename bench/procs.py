@@ -125,6 +125,20 @@ class Processes:
             self._children.remove(popen)
         return elapsed
 
+    def time_sigterm_exit(self, popen: subprocess.Popen[bytes], timeout_s: float = 30.0) -> float:
+        """SIGTERM the child's group as the proxy does; return seconds until the child had exited.
+
+        Polls the process table (an exited child is a zombie until reaped), which is finer than
+        Popen.wait's growing sleeps. The caller still calls stop() to reap it.
+        """
+        started = time.monotonic()
+        _signal_group(popen.pid, signal.SIGTERM)
+        while not process_exited(popen.pid):
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"pid {popen.pid} did not exit within {timeout_s:g}s of SIGTERM")
+            time.sleep(0.0002)
+        return time.monotonic() - started
+
     def close(self) -> list[int]:
         """Stop every child still running (newest first), then kill watched grandchildren that survived.
 

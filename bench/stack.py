@@ -68,7 +68,9 @@ def write_config(directory: Path, gguf: Path | None, *, llama_threads: int = 2) 
     (directory / "model_configs").mkdir(parents=True, exist_ok=True)
     for name, profile in profiles.items():
         (directory / "model_configs" / f"{name}.yml").write_text(yaml.safe_dump(profile))
-    base = 30000 + (os.getpid() % 150) * 200  # a port range of our own, away from other runs
+    # A range of our own below the ephemeral ports (32768+): a port held by an outgoing connection
+    # passes the proxy's connect check yet cannot be bound.
+    base = 20000 + (os.getpid() % 60) * 200
     proxy = {"disable_auth": True, "threads": PROXY_THREADS, "max_loaded_models": 4, "stop_grace": 5,
              "startup_timeout": 60, "queue_timeout": 120, "read_timeout": 120,
              "backend_ports": f"{base}-{base + 199}", "state_dir": "run"}

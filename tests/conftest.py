@@ -235,3 +235,16 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         time.sleep(0.1)
         leftovers += proxy.kill_leftovers()
     assert not leftovers, f"backend processes outlived the proxy: {leftovers}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault suite's figures (requests, disconnects, orphans, leaked leases) after the run."""
+    import json
+    import sys as _sys
+
+    faults = _sys.modules.get("tests.test_faults")
+    figures = getattr(faults, "FIGURES", None)
+    if figures:
+        terminalreporter.write_sep("=", "fault suite figures")
+        for key, value in sorted(figures.items()):
+            terminalreporter.write_line(f"{key}: {json.dumps(value)}")

@@ -1,0 +1,649 @@
+"""The benchmark: the same workloads measured DIRECT (client -> backend port) and THROUGH THE PROXY.
+
+Measurements (targets in TARGETS):
+
+  P1   added latency of a small non-stream request (p50 proxied - p50 direct), synthetic upstream
+  P2   relay rate of a long unpaced stream, proxied / direct (P2b: the same, paced at 20,000 chunks/s)
+  P3   added time to first token (p50), synthetic upstream with a token rate
+  GAP  inter-chunk delay preservation at a token rate: |gap through the proxy - gap direct|
+  P4   cold-load overhead: first token on a stopped model through the proxy minus the backend's own
+       start (spawned by us, polled until /health is 200) plus its first answer; synthetic and SmolLM2
+  P5   64 concurrent streams: errors and the aggregate rate, proxied / direct
+  P6   idle deadline to child exit (unload_timer: 1), beside the backend's own SIGTERM-to-exit time
+  P7   proxy RSS idle and under the 64-stream load; proxy CPU seconds per 1,000 relayed chunks
+  SMOL the real SmolLM2 backend: added latency of a small request and added time to first token
+
+Direct and proxied runs alternate (direct, proxy, direct, proxy, ...) so that drift in the
+machine's state spreads evenly over both. Every process started here is stopped in a finally block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from bench.client import Connection, StreamReply, run_streams
+from bench.procs import Processes, free_port, process_exited, wait_http_ok
+from bench.report import Metric, markdown, write_results
+from bench.stack import (PROXY_THREADS, SMOL, SMOL_IDLE, SYNTH, SYNTH_IDLE, ProxyUnderTest, smollm2_gguf,
+                         synthetic_argv, write_config)
+from bench.stats import Summary, summarize
+
+log = logging.getLogger("bench")
+
+CHAT = "/v1/chat/completions"
+MB = 1024 * 1024
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
+
+TARGETS = {
+    "P1": "<= 1 ms",
+    "P2": ">= 0.95",
+    "P3": "<= 2 ms",
+    "GAP": "p95 <= 2 ms, none batched",
+    "P4": "<= 50 ms",
+    "P5": "0 errors, >= 0.9",
+    "P6": "<= 1 s beyond own exit",
+    "P7": "<= 80 MB idle",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How much of everything to run; `quick` fits in a minute on two cores, `full` in a few."""
+
+    mode: str
+    p1_requests: int = 300
+    p2_chunks: int = 20000
+    p2_runs: int = 5
+    p2_paced_rate: float = 20000.0
+    p2_paced_chunks: int = 20000
+    p2_paced_runs: int = 3
+    p3_runs: int = 40
+    token_rate: float = 50.0          # P3 and GAP
+    p3_chunks: int = 4
+    gap_chunks: int = 100
+    gap_runs: int = 3
+    p5_streams: int = 64
+    p5_chunks: int = 200
+    p5_rate: float = 100.0            # per stream
+    p5_runs: int = 2
+    p4_runs: int = 5
+    p6_runs: int = 3
+    smollm2: bool = True
+    smol_runs: int = 10
+    smol_cold_runs: int = 3
+    smol_idle_runs: int = 1
+
+    @staticmethod
+    def for_mode(quick: bool, smollm2: bool | None) -> Settings:
+        if not quick:
+            return Settings(mode="full", smollm2=True if smollm2 is None else smollm2)
+        return Settings(mode="quick", p1_requests=60, p2_chunks=5000, p2_runs=2, p2_paced_chunks=5000,
+                        p2_paced_runs=2, p3_runs=12, gap_chunks=30, gap_runs=1, p5_chunks=100, p5_runs=1,
+                        p4_runs=3, p6_runs=1, smollm2=False if smollm2 is None else smollm2, smol_runs=4,
+                        smol_cold_runs=1, smol_idle_runs=1)
+
+
+def chat_body(model: str, *, stream: bool = False, chunks: int = 8, rate: float | None = None,
+              content: str = "Say hello.", **extra: Any) -> dict[str, Any]:
+    """A chat request; for the synthetic server max_tokens is the chunk count and x_token_rate the pace."""
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}],
+                            "stream": stream, "max_tokens": chunks, **extra}
+    if rate is not None:
+        body["x_token_rate"] = rate
+    return body
+
+
+def _ms(summary: Summary | None) -> Summary | None:
+    return summary.scaled(1000.0) if summary is not None else None
+
+
+def _added(metric: Metric, limit: float) -> None:
+    """Set value to the added median (proxy - direct) and passed to value <= limit."""
+    assert metric.direct is not None and metric.proxy is not None
+    metric.value = metric.proxy.median - metric.direct.median
+    metric.value_label = "added p50"
+    metric.passed = metric.value <= limit
+
+
+class ProxyCpu:
+    """CPU seconds (user + system, all threads) a process used between start() and stop()."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.total_s = 0.0
+        self._mark = 0.0
+
+    def _now(self) -> float:
+        times = self._process.cpu_times()
+        return float(times.user + times.system)
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        self._mark = self._now()
+        try:
+            yield
+        finally:
+            self.total_s += self._now() - self._mark
+
+
+class RssSampler:
+    """Samples a process's RSS in a thread; peak_mb after stop()."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+        self._process = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self.samples: list[float] = []
+        self.threads_peak = 0
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self._process.memory_info().rss / MB)
+                self.threads_peak = max(self.threads_peak, self._process.num_threads())
+            except psutil.Error:
+                return
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.samples, default=float("nan"))
+
+
+class Bench:
+    def __init__(self, settings: Settings, processes: Processes, proxy: ProxyUnderTest, workdir: Path) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.proxy = proxy
+        self.workdir = workdir
+        self.metrics: list[Metric] = []
+        self.notes: list[str] = []
+        self.errors: list[str] = []
+        self.rss_fresh_mb = psutil.Process(proxy.pid).memory_info().rss / MB
+        self.rss_idle_mb = float("nan")
+        self.rss_load_mb = float("nan")
+        self.proxy_cpu = ProxyCpu(proxy.pid)
+        self.relay_cpu_s = 0.0
+        self.relayed_chunks = 0
+
+    # ----- bookkeeping ---------------------------------------------------------------------------
+
+    def measure(self, key: str, step: Callable[[], list[Metric]]) -> None:
+        """Run one measurement; a failure is recorded (with the proxy log's end) and the run goes on."""
+        log.info("measuring %s", key)
+        started = time.monotonic()
+        try:
+            self.metrics += step()
+        except Exception as exc:
+            log.exception("%s failed", key)
+            tail = self.processes.log_tail("proxy", 8).replace("\n", " | ")
+            self.errors.append(f"{key}: {type(exc).__name__}: {exc} (proxy log: {tail})")
+        log.info("%s done in %.1fs", key, time.monotonic() - started)
+
+    def metric(self, key: str) -> Metric | None:
+        return next((metric for metric in self.metrics if metric.key == key), None)
+
+    # ----- the synthetic upstream ---------------------------------------------------------------
+
+    def run_synthetic(self) -> None:
+        self.backend = self.proxy.load(SYNTH, chat_body(SYNTH, chunks=2))
+        self.direct = Connection(self.backend.port)
+        self.proxied = Connection(self.proxy.port)
+        try:
+            self.measure("P1", self.p1_latency)
+            time.sleep(0.5)
+            self.rss_idle_mb = psutil.Process(self.proxy.pid).memory_info().rss / MB
+            self.measure("P2", self.p2_relay)
+            self.measure("P3", self.p3_ttft)
+            self.measure("GAP", self.gaps)
+            self.measure("P5", self.p5_concurrency)
+            self.measure("P7", self.p7_memory_cpu)
+            self.measure("P6.synthetic", lambda: self.p6_idle_exit(
+                "synthetic", SYNTH_IDLE, lambda port: synthetic_argv(port, SYNTH_IDLE), chat_body(SYNTH_IDLE, chunks=2),
+                self.settings.p6_runs))
+            self.measure("P4.synthetic", lambda: self.p4_cold(
+                "synthetic", SYNTH, lambda port: synthetic_argv(port, SYNTH), chat_body(SYNTH, stream=True, chunks=4),
+                self.settings.p4_runs, health="/health"))
+        finally:
+            self.direct.close()
+            self.proxied.close()
+
+    def p1_latency(self) -> list[Metric]:
+        body = chat_body(SYNTH, chunks=8)
+        timings: dict[str, list[float]] = {"direct": [], "proxy": []}
+        failures = 0
+        for index in range(self.settings.p1_requests + 20):
+            for side, connection in (("direct", self.direct), ("proxy", self.proxied)):
+                reply = connection.post(CHAT, body)
+                if reply.status != 200:
+                    failures += 1
+                elif index >= 20:  # the first 20 are warm-up
+                    timings[side].append(reply.elapsed_s)
+        metric = Metric("P1", "added latency, small non-stream request (synthetic)", "ms", TARGETS["P1"],
+                        direct=_ms(summarize(timings["direct"])), proxy=_ms(summarize(timings["proxy"])))
+        _added(metric, 1.0)
+        metric.details = {"failed_requests": failures, "added_p95_ms": metric.proxy.p95 - metric.direct.p95}  # type: ignore[union-attr]
+        return [metric]
+
+    def _relay_runs(self, chunks: int, runs: int, rate: float) -> tuple[dict[str, list[StreamReply]], int]:
+        """Alternate direct and proxied streams (one warm-up pair first); count the proxy's CPU and chunks."""
+        body = chat_body(SYNTH, stream=True, chunks=chunks, rate=rate)
+        replies: dict[str, list[StreamReply]] = {"direct": [], "proxy": []}
+        failures = 0
+        for index in range(runs + 1):
+            for side, connection in (("direct", self.direct), ("proxy", self.proxied)):
+                with self.proxy_cpu.counting() if side == "proxy" else nullcontext():
+                    reply = connection.stream(CHAT, body)
+                if side == "proxy":
+                    self.relayed_chunks += reply.events
+                if not reply.ok or reply.events != chunks + 3:
+                    failures += 1
+                    log.warning("%s stream failed: %s (%d events)", side, reply.error, reply.events)
+                elif index > 0:
+                    replies[side].append(reply)
+        return replies, failures
+
+    def p2_relay(self) -> list[Metric]:
+        settings = self.settings
+        self.relayed_chunks = 0
+        cpu_before = self.proxy_cpu.total_s
+        unpaced = self._relay_runs(settings.p2_chunks, settings.p2_runs, 0.0)
+        self.relay_cpu_s = self.proxy_cpu.total_s - cpu_before  # the unpaced runs only: relay work at full speed
+        relayed_unpaced = self.relayed_chunks
+        paced = self._relay_runs(settings.p2_paced_chunks, settings.p2_paced_runs, settings.p2_paced_rate)
+        self.relayed_chunks = relayed_unpaced
+        metrics = []
+        for key, (replies, failures), target, title in (
+                ("P2", unpaced, TARGETS["P2"], f"relay rate, {settings.p2_chunks:,}-chunk unpaced stream"),
+                ("P2b", paced, ">= 0.95 (paced)", f"relay rate, {settings.p2_paced_chunks:,}-chunk stream paced "
+                 f"at {settings.p2_paced_rate:,.0f} chunks/s")):
+            direct = summarize(reply.events / reply.duration_s for reply in replies["direct"])
+            proxy = summarize(reply.events / reply.duration_s for reply in replies["proxy"])
+            metric = Metric(key, title, "chunks/s", target, direct=direct, proxy=proxy,
+                            ratio=proxy.median / direct.median)
+            metric.value, metric.value_label = metric.ratio, "ratio of medians"
+            metric.passed = metric.ratio >= 0.95 and failures == 0
+            bytes_direct = summarize(reply.wire_bytes / reply.duration_s / MB for reply in replies["direct"])
+            bytes_proxy = summarize(reply.wire_bytes / reply.duration_s / MB for reply in replies["proxy"])
+            metric.details = {"failed_streams": failures, "direct_MB_per_s": bytes_direct,
+                              "proxy_MB_per_s": bytes_proxy, "ratio_bytes": bytes_proxy.median / bytes_direct.median}
+            metrics.append(metric)
+        metrics[0].note = ("unpaced: the synthetic server sends as fast as its reader takes them, and the two cores "
+                           "run client, proxy and backend together, so this is the proxy's CPU-bound relay capacity; "
+                           f"bytes/s ratio {metrics[0].details['ratio_bytes']:.3f}")
+        return metrics
+
+    def p3_ttft(self) -> list[Metric]:
+        body = chat_body(SYNTH, stream=True, chunks=self.settings.p3_chunks, rate=self.settings.token_rate)
+        ttft: dict[str, list[float]] = {"direct": [], "proxy": []}
+        failures = 0
+        for index in range(self.settings.p3_runs + 3):
+            for side, connection in (("direct", self.direct), ("proxy", self.proxied)):
+                reply = connection.stream(CHAT, body)
+                if not reply.ok or reply.ttft_s is None:
+                    failures += 1
+                elif index >= 3:
+                    ttft[side].append(reply.ttft_s)
+        metric = Metric("P3", f"added time to first token (synthetic, {self.settings.token_rate:g} tokens/s)", "ms",
+                        TARGETS["P3"], direct=_ms(summarize(ttft["direct"])), proxy=_ms(summarize(ttft["proxy"])))
+        _added(metric, 2.0)
+        metric.passed = metric.passed and failures == 0
+        metric.details = {"failed_streams": failures}
+        return [metric]
+
+    def gaps(self) -> list[Metric]:
+        """Each chunk's arrival gap against the gap at which the server sent it (x_t stamps), both sides.
+
+        Comparing a proxied run's gaps with a direct run's gaps (the literal |gap difference|, kept in
+        the details) also counts the synthetic server's own sleep jitter in both runs; comparing
+        arrival gaps with send gaps of the same run isolates what the path adds.
+        """
+        settings = self.settings
+        body = chat_body(SYNTH, stream=True, chunks=settings.gap_chunks, rate=settings.token_rate)
+        distortion: dict[str, list[float]] = {"direct": [], "proxy": []}
+        latency: dict[str, list[float]] = {"direct": [], "proxy": []}
+        pairwise: list[float] = []
+        batched = 0
+        failures = 0
+        nominal = 1.0 / settings.token_rate
+        tokens = range(1, settings.gap_chunks + 1)  # event 0 is the role delta, the last one the finish
+        for _ in range(settings.gap_runs):
+            arrival_gaps: dict[str, list[float]] = {}
+            for side, connection in (("direct", self.direct), ("proxy", self.proxied)):
+                reply = connection.stream(CHAT, body, timed=True)
+                if not reply.ok or len(reply.arrivals) != settings.gap_chunks + 2 or len(reply.sent_at) != len(reply.arrivals):
+                    failures += 1
+                    continue
+                arrived = [reply.arrivals[i] for i in tokens]
+                sent = [reply.sent_at[i] for i in tokens]
+                gaps = [later - earlier for earlier, later in zip(arrived, arrived[1:])]
+                sent_gaps = [later - earlier for earlier, later in zip(sent, sent[1:])]
+                arrival_gaps[side] = gaps
+                distortion[side] += [abs(gap - sent_gap) for gap, sent_gap in zip(gaps, sent_gaps)]
+                latency[side] += [arrival - send for arrival, send in zip(arrived, sent)]
+                if side == "proxy":  # sent apart, arrived together: the relay held a chunk back
+                    batched += sum(gap < nominal / 4 <= sent_gap for gap, sent_gap in zip(gaps, sent_gaps))
+            if len(arrival_gaps) == 2:
+                pairwise += [abs(p - d) for p, d in zip(arrival_gaps["proxy"], arrival_gaps["direct"])]
+        direct, proxy = _ms(summarize(distortion["direct"])), _ms(summarize(distortion["proxy"]))
+        assert direct is not None and proxy is not None
+        metric = Metric("GAP", f"inter-chunk gap distortion at {settings.token_rate:g} tokens/s, |arrival gap - send gap|",
+                        "ms", TARGETS["GAP"], direct=direct, proxy=proxy)
+        metric.value, metric.value_label = proxy.p95, "p95 through the proxy"
+        metric.passed = proxy.p95 <= 2.0 and batched == 0 and failures == 0
+        pair = _ms(summarize(pairwise))
+        added = summarize(latency["proxy"]).median - summarize(latency["direct"]).median
+        metric.details = {"batched_chunks": batched, "failed_streams": failures, "nominal_gap_ms": nominal * 1000.0,
+                          "abs_gap_difference_proxy_vs_direct_run_ms": pair,
+                          "delivery_latency_direct_ms": _ms(summarize(latency["direct"])),
+                          "delivery_latency_proxy_ms": _ms(summarize(latency["proxy"])),
+                          "added_delivery_latency_p50_ms": added * 1000.0}
+        assert pair is not None
+        metric.note = (f"{batched} chunk(s) batched; each chunk's one-way delivery (send stamp to arrival) is "
+                       f"{added * 1000:+.3f} ms longer through the proxy (p50); gaps of a proxied run against a direct "
+                       f"run, |difference| p50 {pair.median:.3f} ms, p95 {pair.p95:.3f} ms (includes the upstream's "
+                       "own pacing jitter in both runs)")
+        return [metric]
+
+    def p5_concurrency(self) -> list[Metric]:
+        settings = self.settings
+        body = chat_body(SYNTH, stream=True, chunks=settings.p5_chunks, rate=settings.p5_rate)
+        expected_events = settings.p5_chunks + 3
+        rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+        errors = {"direct": 0, "proxy": 0}
+        examples: list[str] = []
+        peaks: list[float] = []
+        threads_peak = 0
+        for _ in range(settings.p5_runs):
+            for side, port in (("direct", self.backend.port), ("proxy", self.proxy.port)):
+                if side == "proxy":
+                    with RssSampler(self.proxy.pid) as sampler:
+                        replies = run_streams(port, CHAT, [body] * settings.p5_streams)
+                    peaks.append(sampler.peak_mb)
+                    threads_peak = max(threads_peak, sampler.threads_peak)
+                else:
+                    replies = run_streams(port, CHAT, [body] * settings.p5_streams)
+                bad = [reply for reply in replies if not reply.ok or reply.events != expected_events]
+                errors[side] += len(bad)
+                examples += [f"{side}: {reply.error or f'{reply.events} events'}" for reply in bad[:3]]
+                span = max(reply.ended for reply in replies) - min(reply.started for reply in replies)
+                rates[side].append(sum(reply.events for reply in replies if reply.ok) / span)
+        self.rss_load_mb = max(peaks)
+        direct, proxy = summarize(rates["direct"]), summarize(rates["proxy"])
+        metric = Metric("P5", f"{settings.p5_streams} concurrent streams ({settings.p5_chunks} chunks at "
+                        f"{settings.p5_rate:g}/s each), aggregate rate", "chunks/s", TARGETS["P5"],
+                        direct=direct, proxy=proxy, ratio=proxy.median / direct.median)
+        metric.value, metric.value_label = metric.ratio, "ratio of medians"
+        metric.passed = errors["proxy"] == 0 and metric.ratio >= 0.9
+        metric.details = {"errors": errors, "error_examples": examples[:6], "proxy_threads_peak": threads_peak}
+        metric.note = f"errors: proxy {errors['proxy']}, direct {errors['direct']}"
+        return [metric]
+
+    def p7_memory_cpu(self) -> list[Metric]:
+        idle = Metric("P7", "proxy RSS idle (after warm-up)", "MB", TARGETS["P7"],
+                      proxy=summarize([self.rss_idle_mb]))
+        idle.value, idle.value_label = self.rss_idle_mb, "RSS"
+        idle.passed = self.rss_idle_mb <= 80.0
+        after = psutil.Process(self.proxy.pid).memory_info().rss / MB
+        idle.details = {"rss_fresh_mb": self.rss_fresh_mb, "rss_after_load_mb": after}
+        idle.note = f"fresh start {self.rss_fresh_mb:.1f} MB; idle again after the 64-stream load {after:.1f} MB"
+        load = Metric("P7.load", f"proxy RSS peak under {self.settings.p5_streams} streams", "MB", "report",
+                      proxy=summarize([self.rss_load_mb]))
+        load.value, load.value_label = self.rss_load_mb, "peak RSS"
+        cpu = Metric("P7.cpu", "proxy CPU per 1,000 relayed chunks (unpaced P2 streams)", "ms", "report")
+        per_thousand_ms = self.relay_cpu_s / self.relayed_chunks * 1000.0 * 1000.0
+        cpu.proxy = summarize([per_thousand_ms])
+        cpu.value, cpu.value_label = per_thousand_ms, "CPU ms / 1,000 chunks"
+        cpu.details = {"cpu_s": self.relay_cpu_s, "chunks": self.relayed_chunks,
+                       "us_per_chunk": per_thousand_ms}
+        cpu.note = f"{per_thousand_ms:.3f} µs of proxy CPU per chunk ({self.relay_cpu_s:.2f} s for {self.relayed_chunks:,.0f} chunks)"
+        return [idle, load, cpu]
+
+    # ----- shared by both upstreams ---------------------------------------------------------------
+
+    def p4_cold(self, label: str, model: str, argv_for: Callable[[int], list[str]], body: dict[str, Any],
+                runs: int, *, health: str, startup_timeout_s: float = 60.0) -> list[Metric]:
+        """Cold first token: our own spawn + readiness + first answer, against the proxy's cold path."""
+        ready: list[float] = []
+        cold_direct: list[float] = []
+        cold_proxy: list[float] = []
+        with Connection(self.proxy.port, timeout_s=180) as proxied:
+            for _ in range(runs):
+                self.proxy.unload(model)
+                port = free_port()
+                started = time.monotonic()
+                child = self.processes.spawn(argv_for(port), name=f"direct-{model}", cwd=self.workdir)
+                try:
+                    ready_at = wait_http_ok(port, health, timeout_s=startup_timeout_s, alive=lambda: child.poll() is None)
+                    with Connection(port) as direct:
+                        reply = direct.stream(CHAT, body)
+                    if not reply.ok or reply.ttft_s is None:
+                        raise RuntimeError(f"direct cold request failed: {reply.error}")
+                    ready.append(ready_at - started)
+                    cold_direct.append(reply.started + reply.ttft_s - started)
+                finally:
+                    self.processes.stop(child)
+                reply = proxied.stream(CHAT, body)
+                if not reply.ok or reply.ttft_s is None:
+                    raise RuntimeError(f"cold request through the proxy failed: {reply.error}")
+                cold_proxy.append(reply.ttft_s)
+        metric = Metric(f"P4.{label}", f"cold first token, {label}", "ms", TARGETS["P4"],
+                        direct=_ms(summarize(cold_direct)), proxy=_ms(summarize(cold_proxy)))
+        _added(metric, 50.0)
+        metric.details = {"direct_ready_ms": _ms(summarize(ready))}
+        metric.note = (f"direct = own spawn until {health} answers 200 (median {summarize(ready).median * 1000:.0f} ms) "
+                       "plus the first streamed token; proxy = first token after /unload")
+        return [metric]
+
+    def p6_idle_exit(self, label: str, model: str, argv_for: Callable[[int], list[str]], body: dict[str, Any],
+                     runs: int, *, health: str = "/health", startup_timeout_s: float = 60.0) -> list[Metric]:
+        """From the idle deadline (answer end + unload_timer 1 s) until the backend pid has exited."""
+        idle_s = 1.0
+        after_deadline: list[float] = []
+        own_exit: list[float] = []
+        with Connection(self.proxy.port, timeout_s=180) as proxied:
+            for _ in range(runs):
+                reply = proxied.post(CHAT, body)
+                answered = time.monotonic()
+                if reply.status != 200:
+                    raise RuntimeError(f"{model}: HTTP {reply.status}: {reply.body[:300]!r}")
+                pid = self.proxy.backend(model).pid
+                deadline = answered + idle_s
+                give_up = deadline + 30.0
+                while not process_exited(pid):
+                    if time.monotonic() > give_up:
+                        raise RuntimeError(f"{model}: pid {pid} still running 30 s after its idle deadline")
+                    time.sleep(0.001)
+                after_deadline.append(time.monotonic() - deadline)
+                self._wait_state(model, "stopped")
+        for _ in range(runs):
+            port = free_port()
+            child = self.processes.spawn(argv_for(port), name=f"direct-{model}", cwd=self.workdir)
+            try:
+                wait_http_ok(port, health, timeout_s=startup_timeout_s, alive=lambda: child.poll() is None)
+                with Connection(port) as direct:
+                    direct.post(CHAT, body)
+                own_exit.append(self.processes.time_sigterm_exit(child))
+            finally:
+                self.processes.stop(child)
+        metric = Metric(f"P6.{label}", f"idle deadline to backend exit, {label} (unload_timer 1 s)", "ms",
+                        TARGETS["P6"], direct=_ms(summarize(own_exit)), proxy=_ms(summarize(after_deadline)))
+        _added(metric, 1000.0)
+        metric.value_label = "beyond own exit (p50)"
+        metric.note = "direct = the backend's own SIGTERM-to-exit time; proxy = answer end + 1 s until the pid is gone"
+        return [metric]
+
+    def _wait_state(self, model: str, state: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.proxy.status(model)["state"] != state:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{model} did not become {state} within {timeout_s:g}s")
+            time.sleep(0.01)
+
+    # ----- the real SmolLM2 backend -------------------------------------------------------------
+
+    def run_smollm2(self) -> None:
+        for name in (SYNTH, SYNTH_IDLE):  # nothing else loaded while llama.cpp runs on the two cores
+            self.proxy.unload(name)
+        body = chat_body(SMOL, content="Name three colours.", chunks=8, temperature=0)
+        backend = self.proxy.load(SMOL, body)
+        command = psutil.Process(backend.pid).cmdline()
+        self.measure("SMOL", lambda: self.smol_latency(backend.port, body))
+        self.measure("P4.smollm2", lambda: self.p4_cold(
+            "smollm2", SMOL, lambda port: _with_port(command, port), {**body, "stream": True},
+            self.settings.smol_cold_runs, health="/health"))
+        self.proxy.unload(SMOL)
+        self.measure("P6.smollm2", lambda: self.p6_idle_exit(
+            "smollm2", SMOL_IDLE, lambda port: _with_port(command, port), {**body, "model": SMOL_IDLE},
+            self.settings.smol_idle_runs))
+
+    def smol_latency(self, port: int, body: dict[str, Any]) -> list[Metric]:
+        latency: dict[str, list[float]] = {"direct": [], "proxy": []}
+        ttft: dict[str, list[float]] = {"direct": [], "proxy": []}
+        texts: dict[str, set[str]] = {"direct": set(), "proxy": set()}
+        failures = 0
+        stream_body = {**body, "stream": True}
+        with Connection(port) as direct, Connection(self.proxy.port) as proxied:
+            for index in range(self.settings.smol_runs + 2):
+                for side, connection in (("direct", direct), ("proxy", proxied)):
+                    reply = connection.post(CHAT, body)
+                    streamed = connection.stream(CHAT, stream_body, collect_text=True)
+                    if reply.status != 200 or not streamed.ok or streamed.ttft_s is None:
+                        failures += 1
+                        continue
+                    texts[side].add(streamed.text)
+                    if index >= 2:
+                        latency[side].append(reply.elapsed_s)
+                        ttft[side].append(streamed.ttft_s)
+        same = texts["direct"] == texts["proxy"] and len(texts["direct"]) == 1
+        small = Metric("SMOL.latency", "added latency, small request (SmolLM2, 8 tokens, temperature 0)", "ms",
+                       "report", direct=_ms(summarize(latency["direct"])), proxy=_ms(summarize(latency["proxy"])))
+        _added(small, float("inf"))
+        small.passed = None
+        small.details = {"failed_requests": failures, "same_text_direct_and_proxy": same}
+        small.note = f"streamed text identical direct and through the proxy: {same}"
+        first = Metric("SMOL.ttft", "added time to first token (SmolLM2)", "ms", TARGETS["P3"],
+                       direct=_ms(summarize(ttft["direct"])), proxy=_ms(summarize(ttft["proxy"])))
+        _added(first, 2.0)
+        first.passed = first.passed and failures == 0 and same
+        return [small, first]
+
+
+def _with_port(argv: list[str], port: int) -> list[str]:
+    """Return a copy of a backend's command line with its --port value replaced."""
+    if "--port" not in argv:
+        raise RuntimeError(f"no --port in the backend's command line: {argv}")
+    copy = list(argv)
+    copy[copy.index("--port") + 1] = str(port)
+    return copy
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds into the finally blocks that stop the children
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shorter streams (< 1 min), no SmolLM2")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result file (default {DEFAULT_OUT}); "
+                        "the markdown table goes next to it with the suffix .md")
+    parser.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure the real SmolLM2 backend (default: on in full mode, off with --quick)")
+    parser.add_argument("--proxy-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the generated config folder and logs")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="bench %(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    settings = Settings.for_mode(args.quick, args.smollm2)
+    started = time.monotonic()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_at_start = list(os.getloadavg())
+    workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    processes = Processes(workdir / "logs")
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    bench: Bench | None = None
+    notes: list[str] = []
+    errors: list[str] = []
+    interrupted = False
+    gguf, missing = smollm2_gguf()
+    try:
+        proxy = ProxyUnderTest(processes, write_config(workdir, gguf), log_level=args.proxy_log_level)
+        try:
+            proxy.wait_healthy()
+            bench = Bench(settings, processes, proxy, workdir)
+            bench.run_synthetic()
+            if not settings.smollm2:
+                notes.append("SmolLM2 part skipped (quick mode; --smollm2 to include it)")
+            elif gguf is None:
+                notes.append(f"SmolLM2 part skipped: {missing}")
+            else:
+                bench.run_smollm2()
+        finally:
+            proxy.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        errors.append("interrupted: the results are partial")
+    except Exception as exc:
+        log.exception("the benchmark failed")
+        errors.append(f"setup: {type(exc).__name__}: {exc}")
+    finally:
+        survivors = processes.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if survivors:
+            errors.append(f"backend processes outlived the proxy and were killed: {survivors}")
+    metrics = bench.metrics if bench else []
+    if bench:
+        notes += bench.notes
+        errors = bench.errors + errors
+    meta = {
+        "mode": settings.mode, "started_at": started_at, "duration_s": time.monotonic() - started,
+        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        "load_average_start": load_at_start,
+        "load_average_end": list(os.getloadavg()), "proxy_threads": PROXY_THREADS, "interrupted": interrupted,
+        "settings": dataclasses.asdict(settings), "smollm2_gguf": str(gguf) if gguf else None,
+    }
+    markdown_path = write_results(args.out, meta, metrics, notes, errors)
+    print(markdown(meta, metrics, notes, errors))
+    log.info("results: %s and %s", args.out, markdown_path)
+    if args.keep_workdir or errors:
+        log.info("work folder kept: %s", workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted:
+        return 130
+    if errors:
+        return 1
+    return 1 if args.strict and any(metric.passed is False for metric in metrics) else 0
