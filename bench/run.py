@@ -566,6 +566,18 @@ def _with_port(argv: list[str], port: int) -> list[str]:
     return copy
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine spent busy so far (all processes, all CPUs)."""
+    times = psutil.cpu_times()
+    return float(sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq")))
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of every descendant reaped so far (the proxy reaps its backends)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds into the finally blocks that stop the children
 
@@ -590,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_at_start = list(os.getloadavg())
+    busy_at_start, own_at_start = _busy_cpu_s(), _own_cpu_s()
     workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     processes = Processes(workdir / "logs")
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -624,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
         if survivors:
             errors.append(f"backend processes outlived the proxy and were killed: {survivors}")
+    wall_s = time.monotonic() - started
+    cpus = os.cpu_count() or 1
+    foreign_percent = max(0.0, (_busy_cpu_s() - busy_at_start) - (_own_cpu_s() - own_at_start)) / (wall_s * cpus) * 100.0
+    notes.append(f"other processes on the machine used {foreign_percent:.0f}% of its {cpus} CPUs during the run "
+                 f"(load average {load_at_start[0]:.2f} at the start): the higher, the noisier the figures")
     metrics = bench.metrics if bench else []
     if bench:
         notes += bench.notes
@@ -631,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "mode": settings.mode, "started_at": started_at, "duration_s": time.monotonic() - started,
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-        "load_average_start": load_at_start,
+        "load_average_start": load_at_start, "foreign_cpu_percent": foreign_percent,
         "load_average_end": list(os.getloadavg()), "proxy_threads": PROXY_THREADS, "interrupted": interrupted,
         "settings": dataclasses.asdict(settings), "smollm2_gguf": str(gguf) if gguf else None,
     }

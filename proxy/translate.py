@@ -335,20 +335,6 @@ class OllamaStream:
                 records += self._flush_tool_calls(wall_ns)
         return records
 
-    def feed_response(self, response: Mapping[str, Any], now_ns: int) -> None:
-        """Take a whole (non-stream) OpenAI answer."""
-        self.usage = response.get("usage") or {}
-        self.timings = response.get("timings") or {}
-        for choice in response.get("choices") or []:
-            message = choice.get("message") or {}
-            self.content.append(message.get("content") or choice.get("text") or "")
-            if self.keep_thinking:
-                self.thinking.append(message.get("reasoning_content") or message.get("reasoning") or "")
-            for index, call in enumerate(message.get("tool_calls") or []):
-                self._buffer_tool_call({"index": index, **call})
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        self._mark_token(now_ns)
-
     def final(self, *, load_ns: int, now_ns: int, wall_ns: int) -> list[dict[str, Any]]:
         """Return the last records of a stream: pending tool calls, then the `done: true` record."""
         records = self._flush_tool_calls(wall_ns)
@@ -436,6 +422,24 @@ class OllamaStream:
         self.tool_calls = {}
         self.sent_calls += calls
         return [self._record(wall_ns, content="", thinking="", tool_calls=calls)]
+
+
+def chunk_from_response(response: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a whole (non-stream) OpenAI answer as one stream chunk, so one code path reads both."""
+    choices = []
+    for choice in response.get("choices") or []:
+        message = dict(choice.get("message") or {})
+        if "text" in choice and not message:  # a completions answer
+            message = {"content": choice.get("text")}
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message["tool_calls"] = [{"index": index, **call} for index, call in enumerate(calls)]
+        choices.append({"index": choice.get("index", 0), "delta": message, "finish_reason": choice.get("finish_reason")})
+    chunk: dict[str, Any] = {"choices": choices}
+    for key in ("usage", "timings"):
+        if isinstance(response.get(key), dict):
+            chunk[key] = response[key]
+    return chunk
 
 
 def _ns(value: object, scale: float) -> int:

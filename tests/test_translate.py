@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from proxy.errors import BadRequest
 from proxy.translate import (
     OllamaStream,
+    chunk_from_response,
     error_message_from_upstream,
     format_fields,
     ollama_embeddings_from_openai,
@@ -889,9 +890,9 @@ def test_aggregate_of_a_streamed_tool_call_keeps_the_tool_calls(shape: str) -> N
     assert answer["done_reason"] == "stop"
 
 
-def test_feed_response_takes_a_whole_openai_answer() -> None:
+def test_a_whole_openai_answer_reads_as_one_chunk() -> None:
     stream = OllamaStream(model="m", kind="chat", think=None, started_ns=START_NS)
-    stream.feed_response({
+    records = stream.feed(chunk_from_response({
         "id": "chatcmpl-9", "object": "chat.completion", "model": "backend-id",
         "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
             "role": "assistant", "content": None, "reasoning_content": "Need weather.",
@@ -899,7 +900,8 @@ def test_feed_response_takes_a_whole_openai_answer() -> None:
                             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}}],
         "usage": {"prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28},
         "timings": {"prompt_n": 20, "prompt_ms": 12.0, "predicted_n": 8, "predicted_ms": 64.0},
-    }, START_NS + 100_000_000)
+    }), START_NS + 100_000_000, WALL_NS)
+    assert [record["message"].get("tool_calls") for record in records][-1]  # streamed: the call is complete
     answer = stream.aggregate(load_ns=LOAD_NS, now_ns=START_NS + 100_000_000, wall_ns=WALL_NS)
     assert answer["message"] == {"role": "assistant", "content": "", "thinking": "Need weather.", "tool_calls": [
         {"id": "call_1", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Oslo"}}}]}
@@ -910,10 +912,11 @@ def test_feed_response_takes_a_whole_openai_answer() -> None:
     assert CREATED_AT.match(answer["created_at"])
 
 
-def test_feed_response_of_a_completion_gives_response() -> None:
+def test_a_whole_completion_answer_reads_as_one_chunk() -> None:
     stream = OllamaStream(model="m", kind="generate", think=None, started_ns=0)
-    stream.feed_response({"choices": [{"index": 0, "text": "42", "finish_reason": "length"}],
-                          "usage": {"prompt_tokens": 3, "completion_tokens": 1}}, 50)
+    records = stream.feed(chunk_from_response({"choices": [{"index": 0, "text": "42", "finish_reason": "length"}],
+                                               "usage": {"prompt_tokens": 3, "completion_tokens": 1}}), 50, WALL_NS)
+    assert records[0]["response"] == "42"  # a streaming client gets the text before the done record
     answer = stream.aggregate(load_ns=1, now_ns=60, wall_ns=WALL_NS)
     assert (answer["response"], answer["done_reason"], answer["prompt_eval_count"]) == ("42", "length", 3)
     assert all(isinstance(answer[name], int) and answer[name] >= 1 for name in METRICS)

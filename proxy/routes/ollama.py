@@ -29,6 +29,7 @@ from proxy.translate import (
     NEVER_S,
     Dialect,
     OllamaStream,
+    chunk_from_response,
     error_message_from_upstream,
     ollama_embeddings_from_openai,
     ollama_name,
@@ -202,20 +203,19 @@ def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"
     load_ns = int(lease.waited_s * 1e9)
     try:
         check_upstream_status(lease, upstream)
-        is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        if not is_sse:  # a backend that ignored "stream": take its whole answer
-            translator.feed_response(json.loads(context.upstream.read(lease, upstream)), time.monotonic_ns())
+        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            events = chunk_events(context.upstream, lease, upstream)
+        else:  # a backend that ignored "stream": its whole answer is one chunk
+            events = iter([chunk_from_response(json.loads(context.upstream.read(lease, upstream)))])
     except BaseException:
         upstream.close()
         lease.release()
         raise
     if call.stream:
-        records = stream_records(context.upstream, lease, upstream, translator, load_ns, is_sse)
-        return Response(records, mimetype=NDJSON)
+        return Response(stream_records(events, lease, upstream, translator, load_ns), mimetype=NDJSON)
     try:
-        if is_sse:
-            for event in chunk_events(context.upstream, lease, upstream):
-                translator.feed(event, time.monotonic_ns(), time.time_ns())
+        for event in events:
+            translator.feed(event, time.monotonic_ns(), time.time_ns())
         answer = translator.aggregate(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns())
     except ValueError as exc:  # a tool call the backend garbled
         raise UpstreamError(502, f"{model.name}: {exc}") from exc
@@ -225,17 +225,16 @@ def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"
     return jsonify(answer)
 
 
-def stream_records(client: Upstream, lease: Lease, upstream: requests.Response, translator: OllamaStream,
-                   load_ns: int, is_sse: bool) -> Iterator[bytes]:
+def stream_records(events: Iterator[dict[str, Any]], lease: Lease, upstream: requests.Response,
+                   translator: OllamaStream, load_ns: int) -> Iterator[bytes]:
     """Yield NDJSON records as tokens arrive; end with the done record, or one error line.
 
     Runs after the view returned (outside the request context): everything it needs is passed in.
     """
     try:
-        if is_sse:
-            for event in chunk_events(client, lease, upstream):
-                for record in translator.feed(event, time.monotonic_ns(), time.time_ns()):
-                    yield ndjson(record)
+        for event in events:
+            for record in translator.feed(event, time.monotonic_ns(), time.time_ns()):
+                yield ndjson(record)
         for record in translator.final(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns()):
             yield ndjson(record)
     except (ProxyError, ValueError) as exc:
