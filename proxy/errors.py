@@ -63,10 +63,8 @@ class ClientGone(ProxyError):
     kind = "invalid_request_error"
 
 
-class ModelBusy(ProxyError):
-    status = 503
-    code = "model_busy"
-    kind = "server_error"
+class RetryLater(ProxyError):
+    """An error the client should retry after a pause; sets Retry-After."""
 
     def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
         super().__init__(message)
@@ -76,23 +74,16 @@ class ModelBusy(ProxyError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
-class RateLimited(ProxyError):
+class ModelBusy(RetryLater):
+    status = 503
+    code = "model_busy"
+    kind = "server_error"
+
+
+class RateLimited(RetryLater):
     status = 429
     code = "rate_limited"
     kind = "rate_limit_error"
-
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
-
-class PayloadTooLarge(ProxyError):
-    status = 413
-    code = "payload_too_large"
-    kind = "invalid_request_error"
 
 
 class UpstreamError(ProxyError):
