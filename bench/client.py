@@ -349,17 +349,17 @@ def run_streams(port: int, path: str, bodies: list[Any], timeout_s: float = 120.
         deadline = time.monotonic() + timeout_s
         while selector.get_map() and time.monotonic() < deadline:
             for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
-                sock = key.fileobj
+                reader = key.fileobj
                 exchange = key.data
-                assert isinstance(sock, socket.socket) and isinstance(exchange, _Exchange)
+                assert isinstance(reader, socket.socket) and isinstance(exchange, _Exchange)
                 try:
-                    data = sock.recv(RECV_BYTES)
+                    data = reader.recv(RECV_BYTES)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
                     exchange.error = f"{type(exc).__name__}: {exc}"
                     exchange.ended = time.monotonic()
-                    selector.unregister(sock)
+                    selector.unregister(reader)
                     continue
                 now = time.monotonic()
                 if not data:
@@ -370,7 +370,7 @@ def run_streams(port: int, path: str, bodies: list[Any], timeout_s: float = 120.
                     except HttpError as exc:
                         exchange.error = str(exc)
                 if exchange.complete or exchange.error is not None or not data:
-                    selector.unregister(sock)
+                    selector.unregister(reader)
         for key in list(selector.get_map().values()):
             exchange = key.data
             exchange.error = exchange.error or f"no end of stream within {timeout_s:g}s"

@@ -125,9 +125,9 @@ def markdown(meta: dict[str, Any], metrics: list[Metric], notes: list[str], erro
         "|---|---|---|---|---|---|",
     ]
     for metric in metrics:
-        title = f"**{metric.key}** {metric.title}"
-        lines.append(f"| {title} | {metric.target} | {_cell(metric.direct, metric.unit)} | "
-                     f"{_cell(metric.proxy, metric.unit)} | {_result(metric)} | {verdict[metric.passed]} |")
+        cells = [f"**{metric.key}** {metric.title}", metric.target, _cell(metric.direct, metric.unit),
+                 _cell(metric.proxy, metric.unit), _result(metric), verdict[metric.passed]]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     details = [(metric.key, metric.note) for metric in metrics if metric.note]
     if details:
         lines += ["", "Notes:", ""] + [f"- **{key}**: {note}" for key, note in details]

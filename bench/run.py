@@ -5,7 +5,8 @@ Measurements (targets in TARGETS):
   P1   added latency of a small non-stream request (p50 proxied - p50 direct), synthetic upstream
   P2   relay rate of a long unpaced stream, proxied / direct (P2b: the same, paced at 20,000 chunks/s)
   P3   added time to first token (p50), synthetic upstream with a token rate
-  GAP  inter-chunk delay preservation at a token rate: |gap through the proxy - gap direct|
+  GAP  inter-chunk delay preservation at a token rate: each chunk's arrival gap against the gap at
+       which the server sent it, through the proxy and direct; chunks sent apart must not arrive batched
   P4   cold-load overhead: first token on a stopped model through the proxy minus the backend's own
        start (spawned by us, polled until /health is 200) plus its first answer; synthetic and SmolLM2
   P5   64 concurrent streams: errors and the aggregate rate, proxied / direct
@@ -38,19 +39,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]  # no stubs in requirements-dev.txt
 
 from bench.client import Connection, StreamReply, run_streams
 from bench.procs import Processes, free_port, process_exited, wait_http_ok
 from bench.report import Metric, markdown, write_results
-from bench.stack import (PROXY_THREADS, SMOL, SMOL_IDLE, SYNTH, SYNTH_IDLE, ProxyUnderTest, smollm2_gguf,
+from bench.stack import (PROXY_THREADS, ROOT, SMOL, SMOL_IDLE, SYNTH, SYNTH_IDLE, ProxyUnderTest, smollm2_gguf,
                          synthetic_argv, write_config)
 from bench.stats import Summary, summarize
 
 log = logging.getLogger("bench")
 
 CHAT = "/v1/chat/completions"
-MB = 1024 * 1024
+MB = 1_000_000  # decimal megabytes, as the targets are written
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 TARGETS = {
@@ -88,7 +89,7 @@ class Settings:
     p4_runs: int = 5
     p6_runs: int = 3
     smollm2: bool = True
-    smol_runs: int = 10
+    smol_runs: int = 20
     smol_cold_runs: int = 3
     smol_idle_runs: int = 1
 
@@ -97,7 +98,7 @@ class Settings:
         if not quick:
             return Settings(mode="full", smollm2=True if smollm2 is None else smollm2)
         return Settings(mode="quick", p1_requests=60, p2_chunks=5000, p2_runs=2, p2_paced_chunks=5000,
-                        p2_paced_runs=2, p3_runs=12, gap_chunks=30, gap_runs=1, p5_chunks=100, p5_runs=1,
+                        p2_paced_runs=2, p3_runs=12, gap_chunks=30, gap_runs=1, p5_chunks=150, p5_runs=1,
                         p4_runs=3, p6_runs=1, smollm2=False if smollm2 is None else smollm2, smol_runs=4,
                         smol_cold_runs=1, smol_idle_runs=1)
 
@@ -179,6 +180,8 @@ class RssSampler:
 
 
 class Bench:
+    """One benchmark run against one proxy process; collects Metrics, notes and errors."""
+
     def __init__(self, settings: Settings, processes: Processes, proxy: ProxyUnderTest, workdir: Path) -> None:
         self.settings = settings
         self.processes = processes
@@ -207,9 +210,6 @@ class Bench:
             tail = self.processes.log_tail("proxy", 8).replace("\n", " | ")
             self.errors.append(f"{key}: {type(exc).__name__}: {exc} (proxy log: {tail})")
         log.info("%s done in %.1fs", key, time.monotonic() - started)
-
-    def metric(self, key: str) -> Metric | None:
-        return next((metric for metric in self.metrics if metric.key == key), None)
 
     # ----- the synthetic upstream ---------------------------------------------------------------
 
@@ -247,10 +247,12 @@ class Bench:
                     failures += 1
                 elif index >= 20:  # the first 20 are warm-up
                     timings[side].append(reply.elapsed_s)
+        direct, proxy = summarize(timings["direct"]).scaled(1000.0), summarize(timings["proxy"]).scaled(1000.0)
         metric = Metric("P1", "added latency, small non-stream request (synthetic)", "ms", TARGETS["P1"],
-                        direct=_ms(summarize(timings["direct"])), proxy=_ms(summarize(timings["proxy"])))
+                        direct=direct, proxy=proxy)
         _added(metric, 1.0)
-        metric.details = {"failed_requests": failures, "added_p95_ms": metric.proxy.p95 - metric.direct.p95}  # type: ignore[union-attr]
+        metric.passed = metric.passed and failures == 0
+        metric.details = {"failed_requests": failures, "added_p95_ms": proxy.p95 - direct.p95}
         return [metric]
 
     def _relay_runs(self, chunks: int, runs: int, rate: float) -> tuple[dict[str, list[StreamReply]], int]:
@@ -287,10 +289,9 @@ class Bench:
                  f"at {settings.p2_paced_rate:,.0f} chunks/s")):
             direct = summarize(reply.events / reply.duration_s for reply in replies["direct"])
             proxy = summarize(reply.events / reply.duration_s for reply in replies["proxy"])
-            metric = Metric(key, title, "chunks/s", target, direct=direct, proxy=proxy,
-                            ratio=proxy.median / direct.median)
-            metric.value, metric.value_label = metric.ratio, "ratio of medians"
-            metric.passed = metric.ratio >= 0.95 and failures == 0
+            ratio = proxy.median / direct.median
+            metric = Metric(key, title, "chunks/s", target, direct=direct, proxy=proxy, ratio=ratio,
+                            value=ratio, value_label="ratio of medians", passed=ratio >= 0.95 and failures == 0)
             bytes_direct = summarize(reply.wire_bytes / reply.duration_s / MB for reply in replies["direct"])
             bytes_proxy = summarize(reply.wire_bytes / reply.duration_s / MB for reply in replies["proxy"])
             metric.details = {"failed_streams": failures, "direct_MB_per_s": bytes_direct,
@@ -330,6 +331,7 @@ class Bench:
         body = chat_body(SYNTH, stream=True, chunks=settings.gap_chunks, rate=settings.token_rate)
         distortion: dict[str, list[float]] = {"direct": [], "proxy": []}
         latency: dict[str, list[float]] = {"direct": [], "proxy": []}
+        tails: dict[str, list[float]] = {"direct": [], "proxy": []}
         pairwise: list[float] = []
         batched = 0
         failures = 0
@@ -349,6 +351,7 @@ class Bench:
                 arrival_gaps[side] = gaps
                 distortion[side] += [abs(gap - sent_gap) for gap, sent_gap in zip(gaps, sent_gaps)]
                 latency[side] += [arrival - send for arrival, send in zip(arrived, sent)]
+                tails[side].append(reply.ended - reply.arrivals[-1])  # last event to the end of the body
                 if side == "proxy":  # sent apart, arrived together: the relay held a chunk back
                     batched += sum(gap < nominal / 4 <= sent_gap for gap, sent_gap in zip(gaps, sent_gaps))
             if len(arrival_gaps) == 2:
@@ -365,7 +368,9 @@ class Bench:
                           "abs_gap_difference_proxy_vs_direct_run_ms": pair,
                           "delivery_latency_direct_ms": _ms(summarize(latency["direct"])),
                           "delivery_latency_proxy_ms": _ms(summarize(latency["proxy"])),
-                          "added_delivery_latency_p50_ms": added * 1000.0}
+                          "added_delivery_latency_p50_ms": added * 1000.0,
+                          "body_end_after_last_event_direct_ms": _ms(summarize(tails["direct"])),
+                          "body_end_after_last_event_proxy_ms": _ms(summarize(tails["proxy"]))}
         assert pair is not None
         metric.note = (f"{batched} chunk(s) batched; each chunk's one-way delivery (send stamp to arrival) is "
                        f"{added * 1000:+.3f} ms longer through the proxy (p50); gaps of a proxied run against a direct "
@@ -381,6 +386,7 @@ class Bench:
         errors = {"direct": 0, "proxy": 0}
         examples: list[str] = []
         peaks: list[float] = []
+        ramp: dict[str, list[float]] = {"direct": [], "proxy": []}
         threads_peak = 0
         for _ in range(settings.p5_runs):
             for side, port in (("direct", self.backend.port), ("proxy", self.proxy.port)):
@@ -396,15 +402,22 @@ class Bench:
                 examples += [f"{side}: {reply.error or f'{reply.events} events'}" for reply in bad[:3]]
                 span = max(reply.ended for reply in replies) - min(reply.started for reply in replies)
                 rates[side].append(sum(reply.events for reply in replies if reply.ok) / span)
+                first_tokens = [reply.started + reply.ttft_s for reply in replies if reply.ttft_s is not None]
+                if first_tokens:  # how long until every stream had begun: the ramp-up, not the relay
+                    ramp[side].append(max(first_tokens) - min(reply.started for reply in replies))
         self.rss_load_mb = max(peaks)
         direct, proxy = summarize(rates["direct"]), summarize(rates["proxy"])
+        ratio = proxy.median / direct.median
         metric = Metric("P5", f"{settings.p5_streams} concurrent streams ({settings.p5_chunks} chunks at "
                         f"{settings.p5_rate:g}/s each), aggregate rate", "chunks/s", TARGETS["P5"],
-                        direct=direct, proxy=proxy, ratio=proxy.median / direct.median)
-        metric.value, metric.value_label = metric.ratio, "ratio of medians"
-        metric.passed = errors["proxy"] == 0 and metric.ratio >= 0.9
-        metric.details = {"errors": errors, "error_examples": examples[:6], "proxy_threads_peak": threads_peak}
-        metric.note = f"errors: proxy {errors['proxy']}, direct {errors['direct']}"
+                        direct=direct, proxy=proxy, ratio=ratio, value=ratio, value_label="ratio of medians",
+                        passed=errors["proxy"] == 0 and ratio >= 0.9)
+        ramp_ms = {side: _ms(summarize(values)) if values else None for side, values in ramp.items()}
+        metric.details = {"errors": errors, "error_examples": examples[:6], "proxy_threads_peak": threads_peak,
+                          "all_streams_begun_ms": ramp_ms}
+        begun = ", ".join(f"{side} {value.median:.0f} ms" for side, value in ramp_ms.items() if value is not None)
+        metric.note = (f"errors: proxy {errors['proxy']}, direct {errors['direct']}; first token of the last "
+                       f"stream to begin, from the first request: {begun}")
         return [metric]
 
     def p7_memory_cpu(self) -> list[Metric]:
@@ -484,21 +497,34 @@ class Bench:
                     time.sleep(0.001)
                 after_deadline.append(time.monotonic() - deadline)
                 self._wait_state(model, "stopped")
-        for _ in range(runs):
+        own_exit_pooled: list[float] = []
+        for run in range(runs + 1):
+            # The last run leaves its keep-alive connection open through the stop, as the proxy's
+            # connection pool does: some servers (llama.cpp) wait for idle connections on exit.
+            pooled = run == runs
             port = free_port()
             child = self.processes.spawn(argv_for(port), name=f"direct-{model}", cwd=self.workdir)
+            direct = Connection(port)
             try:
                 wait_http_ok(port, health, timeout_s=startup_timeout_s, alive=lambda: child.poll() is None)
-                with Connection(port) as direct:
-                    direct.post(CHAT, body)
-                own_exit.append(self.processes.time_sigterm_exit(child))
+                direct.post(CHAT, body)
+                if not pooled:
+                    direct.close()
+                time.sleep(idle_s)  # idle as long as the proxied backend was
+                (own_exit_pooled if pooled else own_exit).append(self.processes.time_sigterm_exit(child))
             finally:
+                direct.close()
                 self.processes.stop(child)
         metric = Metric(f"P6.{label}", f"idle deadline to backend exit, {label} (unload_timer 1 s)", "ms",
                         TARGETS["P6"], direct=_ms(summarize(own_exit)), proxy=_ms(summarize(after_deadline)))
         _added(metric, 1000.0)
         metric.value_label = "beyond own exit (p50)"
-        metric.note = "direct = the backend's own SIGTERM-to-exit time; proxy = answer end + 1 s until the pid is gone"
+        pooled_ms = own_exit_pooled[0] * 1000.0
+        metric.details = {"own_exit_with_idle_keepalive_connection_ms": pooled_ms}
+        metric.note = ("direct = the backend's own SIGTERM-to-exit time (client connection closed); proxy = answer end "
+                       "+ 1 s until the pid is gone (the idle clock starts a little before the answer's last byte "
+                       f"arrives, so this can dip below 0); with an idle keep-alive connection left open, as the "
+                       f"proxy's pool leaves one, the backend's own exit takes {pooled_ms:.1f} ms")
         return [metric]
 
     def _wait_state(self, model: str, state: str, timeout_s: float = 30.0) -> None:
@@ -520,10 +546,13 @@ class Bench:
         self.measure("P4.smollm2", lambda: self.p4_cold(
             "smollm2", SMOL, lambda port: _with_port(command, port), {**body, "stream": True},
             self.settings.smol_cold_runs, health="/health"))
-        self.proxy.unload(SMOL)
-        self.measure("P6.smollm2", lambda: self.p6_idle_exit(
-            "smollm2", SMOL_IDLE, lambda port: _with_port(command, port), {**body, "model": SMOL_IDLE},
-            self.settings.smol_idle_runs))
+
+        def idle_exit() -> list[Metric]:
+            self.proxy.unload(SMOL)  # one llama.cpp at a time on the two cores
+            return self.p6_idle_exit("smollm2", SMOL_IDLE, lambda port: _with_port(command, port),
+                                     {**body, "model": SMOL_IDLE}, self.settings.smol_idle_runs)
+
+        self.measure("P6.smollm2", idle_exit)
 
     def smol_latency(self, port: int, body: dict[str, Any]) -> list[Metric]:
         latency: dict[str, list[float]] = {"direct": [], "proxy": []}
@@ -532,16 +561,22 @@ class Bench:
         failures = 0
         stream_body = {**body, "stream": True}
         with Connection(port) as direct, Connection(self.proxy.port) as proxied:
-            for index in range(self.settings.smol_runs + 2):
-                for side, connection in (("direct", direct), ("proxy", proxied)):
+            sides = (("direct", direct), ("proxy", proxied))
+            for index in range(self.settings.smol_runs + 2):  # the first two rounds warm up
+                for side, connection in sides:
                     reply = connection.post(CHAT, body)
+                    if reply.status != 200:
+                        failures += 1
+                    elif index >= 2:
+                        latency[side].append(reply.elapsed_s)
+            for index in range(self.settings.smol_runs + 2):
+                for side, connection in sides:
                     streamed = connection.stream(CHAT, stream_body, collect_text=True)
-                    if reply.status != 200 or not streamed.ok or streamed.ttft_s is None:
+                    if not streamed.ok or streamed.ttft_s is None:
                         failures += 1
                         continue
                     texts[side].add(streamed.text)
                     if index >= 2:
-                        latency[side].append(reply.elapsed_s)
                         ttft[side].append(streamed.ttft_s)
         same = texts["direct"] == texts["proxy"] and len(texts["direct"]) == 1
         small = Metric("SMOL.latency", "added latency, small request (SmolLM2, 8 tokens, temperature 0)", "ms",
@@ -590,6 +625,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=None,
                         help="measure the real SmolLM2 backend (default: on in full mode, off with --quick)")
     parser.add_argument("--proxy-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--proxy-script", type=Path, default=ROOT / "proxy.py",
+                        help="the proxy to measure (default: this checkout's proxy.py; another checkout's to compare)")
+    parser.add_argument("--llama-threads", type=int, default=1,
+                        help="llama.cpp threads of the SmolLM2 profiles (default 1: on two cores a second llama.cpp "
+                        "thread spins on the core the client and the proxy need, and the added latency measured "
+                        "becomes the scheduler's)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the generated config folder and logs")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
     return parser.parse_args(argv)
@@ -605,14 +646,15 @@ def main(argv: list[str] | None = None) -> int:
     busy_at_start, own_at_start = _busy_cpu_s(), _own_cpu_s()
     workdir = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     processes = Processes(workdir / "logs")
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     bench: Bench | None = None
     notes: list[str] = []
     errors: list[str] = []
     interrupted = False
     gguf, missing = smollm2_gguf()
     try:
-        proxy = ProxyUnderTest(processes, write_config(workdir, gguf), log_level=args.proxy_log_level)
+        proxy = ProxyUnderTest(processes, write_config(workdir, gguf, llama_threads=args.llama_threads),
+                               log_level=args.proxy_log_level, script=args.proxy_script.resolve())
         try:
             proxy.wait_healthy()
             bench = Bench(settings, processes, proxy, workdir)
@@ -652,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_at_start, "foreign_cpu_percent": foreign_percent,
         "load_average_end": list(os.getloadavg()), "proxy_threads": PROXY_THREADS, "interrupted": interrupted,
         "settings": dataclasses.asdict(settings), "smollm2_gguf": str(gguf) if gguf else None,
+        "proxy_script": str(args.proxy_script.resolve()), "llama_threads": args.llama_threads,
     }
     markdown_path = write_results(args.out, meta, metrics, notes, errors)
     print(markdown(meta, metrics, notes, errors))

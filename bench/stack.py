@@ -53,7 +53,7 @@ def synthetic_argv(port: int | str, model: str, python: str = sys.executable) ->
     return [python, str(SYNTHETIC_SCRIPT), "--port", str(port), "--model", model]
 
 
-def write_config(directory: Path, gguf: Path | None, *, llama_threads: int = 2) -> Path:
+def write_config(directory: Path, gguf: Path | None, *, llama_threads: int = 1) -> Path:
     """Write config.yml and model_configs/ into directory; return config.yml."""
     profiles: dict[str, dict[str, Any]] = {}
     synthetic = {"backend": "command", "startup_timeout": 20,
@@ -91,11 +91,12 @@ class Backend:
 class ProxyUnderTest:
     """The proxy process and the admin calls the benchmark makes to it."""
 
-    def __init__(self, processes: Processes, config_path: Path, *, log_level: str = "INFO") -> None:
+    def __init__(self, processes: Processes, config_path: Path, *, log_level: str = "INFO",
+                 script: Path = ROOT / "proxy.py") -> None:
         self.processes = processes
         self.port = free_port()
         self.popen = processes.spawn(
-            [sys.executable, str(ROOT / "proxy.py"), "--config", str(config_path), "--port", str(self.port),
+            [sys.executable, str(script), "--config", str(config_path), "--port", str(self.port),
              "--log-level", log_level],
             name="proxy", cwd=config_path.parent)
         self.pid = self.popen.pid

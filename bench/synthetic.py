@@ -117,7 +117,7 @@ def _read_request(conn: socket.socket, pending: bytes) -> tuple[str, str, dict[s
 
 def _read_chunked_body(conn: socket.socket, data: bytes) -> tuple[bytes, bytes]:
     """Return (body, leftover) of a chunked request body."""
-    parts = []
+    parts: list[bytes] = []
     while True:
         while (line_end := data.find(b"\r\n")) < 0:
             data += _recv_or_fail(conn)

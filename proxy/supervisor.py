@@ -80,7 +80,6 @@ class BackendProcess:
         probe = probe or self.plan.probe
         started = time.monotonic()
         deadline = started + timeout_s
-        interval = 0.02
         while True:
             if self._popen.poll() is not None:
                 self._exited.wait(1.0)  # let the drainer collect the last lines
@@ -95,8 +94,10 @@ class BackendProcess:
                     f"{self.name}: the backend was not ready within {timeout_s:g}s (startup_timeout); "
                     f"last output:\n{self.tail()}"
                 )
+            # Quick polls while a small model may be about to answer, gentler ones for long loads.
+            elapsed = time.monotonic() - started
+            interval = 0.01 if elapsed < 5 else 0.05 if elapsed < 30 else 0.25
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 1.5, 0.5)
 
     @property
     def progress(self) -> str | None:
@@ -249,12 +250,20 @@ class PortPool:
 
 
 def port_is_busy(port: int) -> bool:
-    """Say whether something accepts connections on the port (a connect, not a bind: TIME_WAIT is fine)."""
+    """Say whether the port is taken: something listens on it (a connect, as TabbyAPI checks), or it
+    cannot be bound (the local end of another connection). SO_REUSEADDR lets TIME_WAIT pass."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.25):
             return True
     except OSError:
-        return False
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 class ChildRegistry:

@@ -9,10 +9,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from proxy.errors import BackendFailed, BackendTimeout
 from proxy.manager import Lease
+
+
+READ_SIZE = 256 * 1024
 
 
 class Upstream:
@@ -52,17 +56,22 @@ class Upstream:
             response.close()
 
     def iter_body(self, lease: Lease, response: requests.Response) -> Iterator[bytes]:
-        """Yield the body as the backend sends it (no line buffering); raise ProxyError if it breaks.
+        """Yield the body as the backend sends it: whatever has arrived, at once; raise ProxyError if it breaks.
 
-        The read timeout bounds the gap between two chunks, so a silent backend cannot pin a lease.
+        read1 returns the bytes already received (de-chunked) without waiting for more, so a token
+        leaves as soon as it arrives, and a fast backend's burst leaves in one write instead of one
+        per event. The read timeout bounds the gap between two reads, so a silent backend cannot pin
+        a lease.
         """
+        raw = response.raw
         try:
-            yield from response.iter_content(chunk_size=None)
-        except requests.RequestException as exc:
+            while data := raw.read1(READ_SIZE):
+                yield data
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._broken(lease, exc) from exc
 
-    def _broken(self, lease: Lease, exc: requests.RequestException) -> BackendFailed | BackendTimeout:
-        if isinstance(exc, requests.ConnectionError) and "timed out" in str(exc).lower():
+    def _broken(self, lease: Lease, exc: Exception) -> BackendFailed | BackendTimeout:
+        if isinstance(exc, TimeoutError | urllib3.exceptions.TimeoutError) or "timed out" in str(exc).lower():
             return BackendTimeout(f"{lease.model_name}: the backend sent nothing for {self._timeouts[1]:g}s "
                                   "(proxy.read_timeout)")
         return BackendFailed(f"{lease.model_name}: the backend broke off its answer ({_reason(exc)}); "

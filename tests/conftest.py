@@ -97,8 +97,9 @@ def write_config(directory: Path, profiles: dict[str, dict[str, Any]], *, proxy:
 
 
 def _port_base() -> int:
-    # Spread test runs over the range so a leftover from one test cannot answer for the next.
-    return 20000 + (os.getpid() % 100) * 200
+    # Spread test runs over 20000-31999 (below the OS's ephemeral ports) so that a leftover of
+    # one run cannot answer for the next.
+    return 20000 + (os.getpid() % 60) * 200
 
 
 class ProxyProcess:
