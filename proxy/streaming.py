@@ -86,3 +86,53 @@ def _event_data(event: bytes) -> str | None:
 def ndjson(record: Any) -> bytes:
     """Return one NDJSON line: compact JSON and exactly one newline."""
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+class ChunkedDecoder:
+    """Incremental decoder of HTTP/1.1 chunked transfer encoding (RFC 9112 section 7.1).
+
+    feed() takes whatever bytes arrived and returns all the payload they complete, so a burst of
+    small chunks comes out as one piece while a lone chunk comes out at once. Raises ValueError on
+    malformed framing.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._left = 0          # payload bytes still due in the current chunk
+        self._state = "size"    # size -> data -> crlf -> size ... -> trailer -> done
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._buffer + data if self._buffer else data
+        out = []
+        while buffer and not self.done:
+            if self._state == "data":
+                piece = buffer[: self._left]
+                out.append(piece)
+                self._left -= len(piece)
+                buffer = buffer[len(piece):]
+                if self._left == 0:
+                    self._state = "crlf"
+            elif self._state == "crlf":
+                if len(buffer) < 2:
+                    break
+                if buffer[:2] != b"\r\n":
+                    raise ValueError("chunked encoding: no CRLF after a chunk's data")
+                buffer = buffer[2:]
+                self._state = "size"
+            else:  # "size" or "trailer": a line
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > 4096:
+                        raise ValueError("chunked encoding: a chunk-size or trailer line is too long")
+                    break
+                line, buffer = buffer[:end], buffer[end + 2:]
+                if self._state == "trailer":
+                    self.done = line == b""  # trailer fields are skipped; an empty line ends the body
+                    continue
+                size = int(line.split(b";", 1)[0].strip(), 16)  # ValueError when it is not hex
+                if size < 0:
+                    raise ValueError("chunked encoding: negative chunk size")
+                self._left, self._state = size, "data" if size else "trailer"
+        self._buffer = buffer
+        return b"".join(out)

@@ -14,9 +14,10 @@ from requests.adapters import HTTPAdapter
 
 from proxy.errors import BackendFailed, BackendTimeout
 from proxy.manager import Lease
+from proxy.streaming import ChunkedDecoder
 
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 64 * 1024
 
 
 class Upstream:
@@ -58,16 +59,25 @@ class Upstream:
     def iter_body(self, lease: Lease, response: requests.Response) -> Iterator[bytes]:
         """Yield the body as the backend sends it: whatever has arrived, at once; raise ProxyError if it breaks.
 
-        read1 returns the bytes already received (de-chunked) without waiting for more, so a token
-        leaves as soon as it arrives, and a fast backend's burst leaves in one write instead of one
-        per event. The read timeout bounds the gap between two reads, so a silent backend cannot pin
-        a lease.
+        For a chunked body (every streaming backend's) the socket is read directly and de-chunked
+        here: each read takes what has arrived, so a lone token leaves at once and a fast backend's
+        burst leaves in one write instead of one per event (urllib3 yields one HTTP chunk per call).
+        The read timeout bounds the gap between two reads, so a silent backend cannot pin a lease.
         """
-        raw = response.raw
+        reader = _socket_reader(response)
         try:
-            while data := raw.read1(READ_SIZE):
-                yield data
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if reader is None:
+                yield from response.iter_content(chunk_size=None)
+                return
+            decoder = ChunkedDecoder()
+            while not decoder.done:
+                data = reader.read1(READ_SIZE)
+                if not data:
+                    raise ConnectionResetError("the backend closed the connection in the middle of the body")
+                payload = decoder.feed(data)
+                if payload:
+                    yield payload
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._broken(lease, exc) from exc
 
     def _broken(self, lease: Lease, exc: Exception) -> BackendFailed | BackendTimeout:
@@ -79,6 +89,22 @@ class Upstream:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _socket_reader(response: requests.Response) -> Any:
+    """Return the buffered socket reader under a chunked response, or None to read it the usual way.
+
+    Reading it bypasses http.client's own chunk state, so the connection is not reused afterwards:
+    Response.close() closes it (urllib3 closes the connection of a response it did not finish).
+    """
+    raw = response.raw
+    http_response = getattr(raw, "_fp", None)  # urllib3 2.x: the http.client response
+    reader = getattr(http_response, "fp", None)
+    if not getattr(http_response, "chunked", False) or not hasattr(reader, "read1"):
+        return None
+    if getattr(http_response, "chunk_left", None) is not None:
+        return None  # http.client started reading chunks already: keep to its path
+    return reader
 
 
 def _reason(exc: Exception) -> str:

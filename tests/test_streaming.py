@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import BackendFailed, BackendTimeout, ProxyError, sse_error_event
-from proxy.streaming import ndjson, relay, replacing, sse_data
+from proxy.streaming import ChunkedDecoder, ndjson, relay, replacing, sse_data
 
 # ----- sse_data --------------------------------------------------------------------------------------
 
@@ -303,3 +303,39 @@ def test_replacing_renames_a_model_field_split_across_chunks() -> None:
     cut = stream.index(b"32B")
     assert b"".join(replacing(iter([stream[:cut], stream[cut:]]), RENAME)) == \
         b'data: {"id":"1","model":"qwen3","choices":[]}\n\n'
+
+
+# ----- ChunkedDecoder ---------------------------------------------------------------------------------
+
+def chunked(*payloads: bytes, trailer: bytes = b"") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in payloads if p) + b"0\r\n" + trailer + b"\r\n"
+
+
+@given(payloads=st.lists(st.binary(min_size=1, max_size=40), max_size=12),
+       cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=10))
+def test_chunked_decoder_gives_the_payload_however_the_bytes_are_split(payloads: list[bytes], cuts: list[int]) -> None:
+    wire = chunked(*payloads)
+    points = sorted({min(cut, len(wire)) for cut in cuts})
+    pieces = [wire[start:end] for start, end in zip([0, *points], [*points, len(wire)])]
+    decoder = ChunkedDecoder()
+    out = b"".join(decoder.feed(piece) for piece in pieces)
+    assert out == b"".join(payloads)
+    assert decoder.done
+
+
+def test_chunked_decoder_returns_a_lone_chunk_at_once_and_a_burst_in_one_piece() -> None:
+    decoder = ChunkedDecoder()
+    assert decoder.feed(b"5\r\nhello\r\n") == b"hello"  # nothing held back waiting for more
+    assert decoder.feed(b"1\r\na\r\n1\r\nb\r\n2\r\ncd\r\n") == b"abcd"
+    assert not decoder.done
+    assert decoder.feed(b"0\r\nX-Trailer: 1\r\n\r\n") == b"" and decoder.done
+
+
+def test_chunked_decoder_accepts_extensions_and_refuses_bad_framing() -> None:
+    assert ChunkedDecoder().feed(b"3;name=value\r\nabc\r\n0\r\n\r\n") == b"abc"
+    with pytest.raises(ValueError):
+        ChunkedDecoder().feed(b"zz\r\nabc\r\n")
+    with pytest.raises(ValueError):
+        ChunkedDecoder().feed(b"3\r\nabcXY")
+    with pytest.raises(ValueError):
+        ChunkedDecoder().feed(b"1" * 5000)
