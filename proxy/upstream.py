@@ -17,7 +17,7 @@ from proxy.manager import Lease
 from proxy.streaming import ChunkedDecoder
 
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 16 * 1024  # a burst larger than this leaves in several writes
 
 
 class Upstream:
