@@ -8,7 +8,6 @@ reverse start order, and is meant for a `finally` block.
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import logging
 import os
@@ -20,28 +19,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from proxy.supervisor import die_with_parent
+
 log = logging.getLogger("bench")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-        return prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()  # resolved before any fork: the child must not load libraries before exec
-
-
-def _die_with_parent() -> None:
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 def free_port() -> int:
     """Return a loopback port nothing is bound to right now."""
@@ -88,7 +68,7 @@ class Processes:
         with (self._log_dir / f"{name}.log").open("ab") as sink:
             popen = subprocess.Popen(
                 list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                start_new_session=True, preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
         self._children.append(popen)
         return popen

@@ -175,7 +175,7 @@ def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if _prctl is not None else None,
         )
     except OSError as exc:
         raise BackendFailed(f"{name}: cannot start {plan.argv[0]!r}: {exc.strerror or exc}") from exc
@@ -213,7 +213,8 @@ def _load_prctl() -> Callable[..., int] | None:
 _prctl = _load_prctl()  # looked up before fork: the child between fork and exec must not load libraries
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask Linux to SIGKILL it when its parent dies."""
     # Linux: the kernel kills the child if the proxy dies without stopping it (SIGKILL, crash).
     # The signal fires when the *thread* that forked exits; ours are the server's long-lived
     # worker threads, which end only with the process.
