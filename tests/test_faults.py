@@ -6,6 +6,7 @@ disconnects and keep_alive 0 across three models that must swap; every figure pr
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import threading
@@ -163,3 +164,14 @@ def _children(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def test_a_backend_that_hangs_mid_stream_is_cut_after_the_idle_gap(start_proxy: Start) -> None:
+    proxy = start_proxy({"stalls": fake_profile("--token-delay", "4", "--tokens", "3")}, proxy={"read_timeout": 1})
+    started = time.monotonic()
+    body = proxy.chat("stalls", stream=True).content
+    assert 0.9 < time.monotonic() - started < 4  # the idle-gap limit, not the backend's pace
+    assert b'"error"' in body and b"sent nothing for 1s" in body and b"[DONE]" not in body
+    ollama = proxy.post("/api/chat", {"model": "stalls", "messages": [{"role": "user", "content": "x"}]})
+    assert "sent nothing" in json.loads(ollama.content.splitlines()[-1])["error"]
+    assert proxy.status("stalls")["leases"] == 0
