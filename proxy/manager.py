@@ -256,7 +256,7 @@ class ModelManager:
             if runtime.leases == 0:  # the idle clock starts only now
                 runtime.deadline = runtime.last_used + runtime.keep_alive_s
                 self._reaper_wake.set()
-                self._cond.notify_all()  # a queued swap or unload may proceed
+            self._cond.notify_all()  # a queued swap, an unload, or a request waiting for room may proceed
 
     # ----- scheduling -------------------------------------------------------------------------
 

@@ -514,3 +514,23 @@ def test_unload_when_idle_waits_for_the_running_request(manager: ModelManager, c
     lease.release()
     manager.expire_idle()
     assert state(manager, "alpha") is State.STOPPED
+
+
+def test_max_concurrent_admits_the_next_request_as_soon_as_one_ends(tmp_path: Path, launcher: FakeLauncher,
+                                                                    clock: FakeClock) -> None:
+    config = load_config(write_config(tmp_path, {"alpha": fake_profile()},
+                                      proxy={"max_concurrent": 2, "queue_timeout": 5}))
+    manager = ModelManager(config, launcher, clock)
+    try:
+        first = manager.acquire("alpha", timeout_s=5)
+        manager.acquire("alpha", timeout_s=5)
+        thread, outcome = in_thread(lambda: manager.acquire("alpha", timeout_s=5))
+        time.sleep(0.1)
+        assert "result" not in outcome  # two at once: the third waits its turn
+        released = time.monotonic()
+        first.release()
+        thread.join(5)
+        assert isinstance(outcome.get("result"), Lease)
+        assert time.monotonic() - released < 0.2  # woken by the release, not by a poll
+    finally:
+        manager.shutdown()
