@@ -17,7 +17,8 @@ from proxy.manager import ProcessLauncher
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0
-RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir", "cors_origins", "max_body_mb", "log_bodies")
+RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir", "cors_origins", "max_body_mb", "log_bodies",
+                "connect_timeout_s", "read_timeout_s")
 
 
 class Reloader:

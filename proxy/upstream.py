@@ -21,6 +21,8 @@ READ_SIZE = 16 * 1024  # a burst larger than this leaves in several writes
 
 
 class Upstream:
+    """Requests to backends over one connection pool; every failure comes out as a ProxyError."""
+
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int) -> None:
         self._timeouts = (connect_timeout_s, read_timeout_s)
         self._http = requests.Session()
