@@ -21,23 +21,57 @@ class Releasable(Protocol):
     def release(self) -> None: ...
 
 
-def relay(chunks: Iterator[bytes], close: Callable[[], None], lease: Releasable,
-          error_event: Callable[[ProxyError], bytes]) -> Iterator[bytes]:
-    """Yield chunks as they arrive; end with an in-band error event if the backend breaks off.
+class Guarded:
+    """A response body whose cleanup runs exactly once: when it ends, breaks, or is closed, even if
+    it was never iterated (a generator's own `finally` does not run when it never started)."""
 
-    waitress calls close() on this generator when the client disconnects, which closes the
-    upstream request at once (so the backend stops generating) and releases the lease.
-    """
-    try:
-        yield from chunks
-    except ProxyError as exc:
-        log.warning("stream ended early: %s", exc.message)
-        yield error_event(exc)
-    finally:
+    def __init__(self, body: Iterator[bytes], cleanup: Callable[[], None]) -> None:
+        self._body = body
+        self._cleanup = cleanup
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
         try:
-            close()
+            yield from self._body
         finally:
-            lease.release()
+            self.close()
+
+    def close(self) -> None:
+        """Called by waitress when the client disconnects or the response ends."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._cleanup()
+
+
+def relay(chunks: Iterator[bytes], close: Callable[[], None], lease: Releasable,
+          error_event: Callable[[ProxyError], bytes]) -> Guarded:
+    """Pass chunks on as they arrive; end with an in-band error event if the backend breaks off.
+
+    However the stream ends (done, broken, client gone), the upstream request is closed at once,
+    so the backend stops generating, and the lease is released.
+    """
+
+    def body() -> Iterator[bytes]:
+        try:
+            yield from chunks
+        except ProxyError as exc:
+            log.warning("stream ended early: %s", exc.message)
+            yield error_event(exc)
+
+    return Guarded(body(), lambda: close_then_release(close, lease))
+
+
+def close_then_release(close: Callable[[], None], lease: Releasable) -> None:
+    try:
+        close()
+    finally:
+        lease.release()
 
 
 def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) -> Iterator[bytes]:

@@ -189,7 +189,7 @@ def test_relay_yields_every_chunk_then_closes_and_releases() -> None:
 
 def test_relay_holds_the_lease_while_the_stream_is_open() -> None:
     upstream = Upstream()
-    stream = relay(iter([b"1", b"2"]), upstream.close, upstream, upstream.error_event)
+    stream = iter(relay(iter([b"1", b"2"]), upstream.close, upstream, upstream.error_event))
     assert next(stream) == b"1"
     assert (upstream.closes, upstream.releases) == (0, 0)
     assert next(stream) == b"2"
@@ -233,7 +233,7 @@ def test_relay_lets_other_exceptions_through_but_still_closes_and_releases() -> 
         raise RuntimeError("bug")
 
     upstream = Upstream()
-    stream = relay(chunks(), upstream.close, upstream, upstream.error_event)
+    stream = iter(relay(chunks(), upstream.close, upstream, upstream.error_event))
     assert next(stream) == b"x"
     with pytest.raises(RuntimeError, match="bug"):
         next(stream)
@@ -252,9 +252,10 @@ def test_relay_closes_and_releases_when_the_consumer_stops_early() -> None:
             source_closed.append(True)
 
     upstream = Upstream()
-    stream = relay(chunks(), upstream.close, upstream, upstream.error_event)
+    body = relay(chunks(), upstream.close, upstream, upstream.error_event)
+    stream = iter(body)
     assert [next(stream) for _ in range(3)] == [b"token"] * 3
-    stream.close()                                   # what waitress does when the client disconnects
+    body.close()                                     # what waitress does when the client disconnects
     assert (upstream.closes, upstream.releases) == (1, 1)
     assert source_closed == [True]
     assert list(stream) == []
@@ -339,3 +340,11 @@ def test_chunked_decoder_accepts_extensions_and_refuses_bad_framing() -> None:
         ChunkedDecoder().feed(b"3\r\nabcXY")
     with pytest.raises(ValueError):
         ChunkedDecoder().feed(b"1" * 5000)
+
+
+def test_relay_releases_even_when_closed_before_the_first_byte() -> None:
+    upstream = Upstream()
+    body = relay(iter([b"never read"]), upstream.close, upstream, upstream.error_event)
+    body.close()  # a generator's finally would not run here: it never started
+    body.close()
+    assert (upstream.closes, upstream.releases) == (1, 1)

@@ -23,7 +23,7 @@ from proxy.config import ModelConfig
 from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
 from proxy.manager import Lease
 from proxy.pipeline import MAX_MODEL_NAME, finish, open_upstream, pop_keep_alive
-from proxy.streaming import ndjson, sse_data
+from proxy.streaming import Guarded, close_then_release, ndjson, sse_data
 from proxy.upstream import Upstream
 from proxy.translate import (
     NEVER_S,
@@ -226,24 +226,26 @@ def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"
 
 
 def stream_records(events: Iterator[dict[str, Any]], lease: Lease, upstream: requests.Response,
-                   translator: OllamaStream, load_ns: int) -> Iterator[bytes]:
-    """Yield NDJSON records as tokens arrive; end with the done record, or one error line.
+                   translator: OllamaStream, load_ns: int) -> Guarded:
+    """NDJSON records as tokens arrive, ending with the done record or one error line; the
+    upstream request is closed and the lease released however the stream ends.
 
     Runs after the view returned (outside the request context): everything it needs is passed in.
     """
-    try:
-        for event in events:
-            for record in translator.feed(event, time.monotonic_ns(), time.time_ns()):
+
+    def records() -> Iterator[bytes]:
+        try:
+            for event in events:
+                for record in translator.feed(event, time.monotonic_ns(), time.time_ns()):
+                    yield ndjson(record)
+            for record in translator.final(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns()):
                 yield ndjson(record)
-        for record in translator.final(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns()):
-            yield ndjson(record)
-    except (ProxyError, ValueError) as exc:
-        message = exc.message if isinstance(exc, ProxyError) else f"{lease.model_name}: {exc}"
-        log.warning("model %s: stream ended with an error: %s", lease.model_name, message)
-        yield ndjson({"error": message})
-    finally:
-        upstream.close()
-        lease.release()
+        except (ProxyError, ValueError) as exc:
+            message = exc.message if isinstance(exc, ProxyError) else f"{lease.model_name}: {exc}"
+            log.warning("model %s: stream ended with an error: %s", lease.model_name, message)
+            yield ndjson({"error": message})
+
+    return Guarded(records(), lambda: close_then_release(upstream.close, lease))
 
 
 def chunk_events(client: Upstream, lease: Lease, upstream: requests.Response) -> Iterator[dict[str, Any]]:
