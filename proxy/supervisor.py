@@ -104,7 +104,8 @@ class BackendProcess:
         return None  # a process shows no load progress; the log has it
 
     def stop(self, grace_s: float, successor: object = None) -> int | None:
-        """Stop the child's whole process group: SIGTERM, grace period, SIGKILL. Blocks until reaped.
+        """Stop the child's whole process group: SIGTERM, grace period, SIGKILL. Blocks until reaped,
+        at most grace_s + 10 s; never raises (callers stop children on their own error paths).
 
         `successor` (the model that takes the slot) matters only to resident processes.
         """
@@ -115,7 +116,10 @@ class BackendProcess:
             except subprocess.TimeoutExpired:
                 log.warning("model %s: pid %d ignored SIGTERM for %gs; sending SIGKILL", self.name, self.pid, grace_s)
                 self._signal_group(signal.SIGKILL)
-                self._popen.wait(10)
+                try:
+                    self._popen.wait(10)
+                except subprocess.TimeoutExpired:  # stuck in the kernel (D state): nothing more to send
+                    log.error("model %s: pid %d survived SIGKILL for 10s", self.name, self.pid)
         # The leader is gone; anything it forked into its group goes too.
         self._signal_group(signal.SIGKILL)
         return self._popen.returncode
