@@ -291,12 +291,15 @@ def rfc3339_local(moment: datetime) -> str:
 class OllamaStream:
     """Turns a backend's OpenAI chunks into Ollama records, and ends them with the `done` record.
 
-    One per request. Times are monotonic nanoseconds given by the caller.
+    One per request. Times are monotonic nanoseconds given by the caller. `raw` is the generate
+    request's own flag: only a non-raw generate's done record carries `context`.
     """
 
-    def __init__(self, *, model: str, kind: Literal["chat", "generate"], think: object, started_ns: int) -> None:
+    def __init__(self, *, model: str, kind: Literal["chat", "generate"], think: object, started_ns: int,
+                 raw: bool = False) -> None:
         self.model = model
         self.kind = kind
+        self.raw = raw
         self.keep_thinking = think is not False
         self.started_ns = started_ns
         self.content: list[str] = []
@@ -339,7 +342,7 @@ class OllamaStream:
         """Return the last records of a stream: pending tool calls, then the `done: true` record."""
         records = self._flush_tool_calls(wall_ns)
         done = self._record(wall_ns, content="", thinking="")
-        done.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns))
+        done.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns), **self._context())
         return records + [done]
 
     def aggregate(self, *, load_ns: int, now_ns: int, wall_ns: int) -> dict[str, Any]:
@@ -347,7 +350,7 @@ class OllamaStream:
         calls = self.sent_calls + self._complete_tool_calls()
         record = self._record(wall_ns, content="".join(self.content), thinking="".join(self.thinking),
                               tool_calls=calls)
-        record.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns))
+        record.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns), **self._context())
         return record
 
     def metrics(self, *, load_ns: int, now_ns: int) -> dict[str, Any]:
@@ -366,6 +369,12 @@ class OllamaStream:
             "eval_count": max(1, int(usage.get("completion_tokens") or timings.get("predicted_n") or self.deltas or 1)),
             "eval_duration": max(1, int(eval_ns)),
         }
+
+    def _context(self) -> dict[str, Any]:
+        # Ollama ends a non-raw generate with the token context, and clients such as the Vercel AI
+        # SDK's Ollama provider reject a done record without it. The proxy does not tokenize (and
+        # ignores a client's `context`), so the list is empty, which those clients accept.
+        return {"context": []} if self.kind == "generate" and not self.raw else {}
 
     def _mark_token(self, now_ns: int) -> None:
         self.deltas += 1

@@ -301,7 +301,21 @@ def test_generate_streams_ndjson_by_default(proxy: ProxyProcess, model: str) -> 
     assert_stream_shape(records, model, "generate")
     assert text_of(records, "generate") == FAKE_TEXT
     assert records[-1]["response"] == "" and records[-1]["eval_count"] == 5
-    assert not any("context" in record for record in records)  # deprecated: never returned
+    assert records[-1]["context"] == []  # only the done record: the Vercel AI SDK requires it there
+    assert not any("context" in record for record in records[:-1])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_generate_done_record_carries_a_context_unless_raw(proxy: ProxyProcess, stream: bool) -> None:
+    def done_of(body: dict[str, Any]) -> dict[str, Any]:
+        response = proxy.post("/api/generate", {"model": "fake", "stream": stream, **body})
+        assert response.status_code == 200, response.text
+        return ndjson_records(response)[-1] if stream else response.json()
+
+    plain = done_of({"prompt": "Why is the sky blue?"})
+    assert plain["done"] is True and isinstance(plain["context"], list)
+    assert isinstance(done_of({"prompt": "def add(", "suffix": "return a + b"})["context"], list)
+    assert "context" not in done_of({"prompt": "<|im_start|>user\nhi<|im_end|>\n", "raw": True})  # as Ollama
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/generate"])

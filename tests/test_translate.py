@@ -596,7 +596,10 @@ def check_records(records: list[dict[str, Any]], *, kind: str, model: str = "qwe
         assert done["message"] == {"role": "assistant", "content": ""}
     else:
         assert done["response"] == ""
-    assert "context" not in done
+    if kind == "generate":  # Ollama's token context: the Vercel AI SDK rejects a done record without it
+        assert done["context"] == []
+    else:
+        assert "context" not in done
     return done
 
 
@@ -828,6 +831,23 @@ def test_an_empty_stream_still_ends_with_a_done_record_with_all_metrics_at_least
     done = check_records(records, kind="generate", model="m")
     assert len(records) == 1
     assert all(done[name] == 1 for name in METRICS)
+
+
+@pytest.mark.parametrize("kind, raw, context", [
+    ("generate", False, []),    # Ollama sends the token context; empty is what clients accept from us
+    ("generate", True, None),   # a raw generate has none, as in Ollama
+    ("chat", False, None),      # chat records never carry it
+])
+def test_only_a_non_raw_generate_ends_with_a_context(kind: str, raw: bool, context: list[int] | None) -> None:
+    for finish in ("final", "aggregate"):
+        stream = OllamaStream(model="m", kind=kind, think=None, started_ns=START_NS, raw=raw)  # type: ignore[arg-type]
+        stream.feed(chat_chunk({"content": "x"}), START_NS + 1, WALL_NS)
+        if finish == "final":
+            done = stream.final(load_ns=1, now_ns=START_NS + 2, wall_ns=WALL_NS)[-1]
+        else:
+            done = stream.aggregate(load_ns=1, now_ns=START_NS + 2, wall_ns=WALL_NS)
+        assert done["done"] is True
+        assert done.get("context") == context, finish
 
 
 def test_created_at_is_the_wall_clock_given() -> None:

@@ -199,7 +199,7 @@ def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"
     lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS[kind],
                                     request.environ.get("waitress.client_disconnected"))
     translator = OllamaStream(model=call.requested, kind=record_kind, think=call.body.get("think"),
-                              started_ns=call.started_ns)
+                              started_ns=call.started_ns, raw=call.body.get("raw") is True)
     load_ns = int(lease.waited_s * 1e9)
     try:
         check_upstream_status(lease, upstream)
