@@ -53,6 +53,23 @@ def resolve_model(config: Config, requested: Any) -> ModelConfig:
     return model
 
 
+def require_embedding(model: ModelConfig) -> None:
+    """Raise BadRequest, naming the profile key that enables them, when the profile is known not to
+    serve embeddings; before any lease, so nothing is loaded for a request that cannot succeed.
+
+    Known means: a llama.cpp profile without `llamacpp.embedding: true` (its server then answers
+    501 with a flag the user cannot set), or declared `capabilities` without `embedding`. Other
+    profiles may embed, so they are never refused here.
+    """
+    profile = f"{model.source.parent.name}/{model.source.name}"
+    if model.llamacpp is not None and not model.llamacpp.embedding:
+        raise BadRequest(f'"{model.name}" does not support embeddings: its llama.cpp server runs without them; '
+                         f"set llamacpp.embedding: true in {profile} to serve them", param="model")
+    if model.capabilities is not None and "embedding" not in model.capabilities:
+        raise BadRequest(f'"{model.name}" does not support embeddings: its profile\'s capabilities do not list '
+                         f"embedding; add it to capabilities in {profile} if the backend serves them", param="model")
+
+
 def pop_keep_alive(body: dict[str, Any]) -> float | None:
     """Remove keep_alive (top level, inside options, or LM Studio's ttl) and return it in seconds."""
     value, field = body.pop("keep_alive", None), "keep_alive"
@@ -85,6 +102,8 @@ def prepare(config: Config, body: Any, kind: str, *, now: datetime | None = None
         raise BadRequest("prompt: required", param="prompt")
     if kind == "embedding" and "input" not in body:
         raise BadRequest("input: required", param="input")
+    if kind == "embedding":
+        require_embedding(model)
     return finish(model, body, kind, keep_alive_s, stream and kind != "embedding", now=now)
 
 

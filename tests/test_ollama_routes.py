@@ -629,12 +629,17 @@ def test_unknown_model_is_404(proxy: ProxyProcess, path: str, body: dict[str, An
     ("/api/chat", {"model": "plain", "messages": [{"role": "user", "content": "?", "images": [PNG_B64]}]}, "vision"),
     ("/api/generate", {"model": "plain", "prompt": "x", "images": [PNG_B64]}, "vision"),
     ("/api/generate", {"model": "plain", "prompt": "x", "suffix": "y"}, "insert"),
-    ("/api/embed", {"model": "plain", "input": "x"}, "embeddings"),
-    ("/api/embeddings", {"model": "plain", "prompt": "x"}, "embeddings"),
+    ("/api/embed", {"model": "plain", "input": "x"}, "embeddings: its profile's capabilities do not list embedding"),
+    ("/api/embeddings", {"model": "plain", "prompt": "x"}, "embeddings: its profile's capabilities do not list embedding"),
 ])
 def test_declared_capabilities_refuse_what_the_model_cannot_do(proxy: ProxyProcess, path: str,
                                                                body: dict[str, Any], verb: str) -> None:
-    assert error_of(proxy.post(path, body), 400) == f'"plain" does not support {verb}'
+    message = error_of(proxy.post(path, body), 400)
+    assert message.startswith(f'"plain" does not support {verb}')
+    if verb.startswith("embeddings"):  # says what to change, and where
+        assert message.endswith("add it to capabilities in model_configs/plain.yml if the backend serves them")
+    else:
+        assert message == f'"plain" does not support {verb}'
 
 
 def test_think_false_is_accepted_without_the_thinking_capability(proxy: ProxyProcess) -> None:

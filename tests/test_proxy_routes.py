@@ -8,12 +8,13 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import API_KEY, FAKE_BACKEND, ProxyProcess, fake_profile
+from tests.conftest import API_KEY, FAKE_BACKEND, ProxyProcess, fake_profile, llamacpp_profile
 
 Start = Callable[..., ProxyProcess]
 
@@ -250,3 +251,34 @@ def test_a_client_that_leaves_the_queue_loads_nothing(start_proxy: Start) -> Non
     assert proxy.chat("one").status_code == 200
     assert "model two: stopped -> starting" not in proxy.log()  # no swap for a client that left
     assert "499" in proxy.log()
+
+
+EMBED_REQUESTS = [("/v1/embeddings", {"input": "hello"}), ("/api/embed", {"input": "hello"}),
+                  ("/api/embeddings", {"prompt": "hello"})]
+
+
+@pytest.mark.parametrize(("path", "body"), EMBED_REQUESTS)
+def test_embeddings_on_a_profile_that_cannot_embed_are_a_400_that_loads_nothing(
+        start_proxy: Start, gguf: Path, path: str, body: dict[str, Any]) -> None:
+    proxy = start_proxy({
+        "chatty": llamacpp_profile(gguf),                            # llamacpp.embedding left false
+        "declared": fake_profile(capabilities=["completion", "tools"]),
+        "command": fake_profile(),                                   # may embed: nothing declared
+    })
+    for model, key in (("chatty", "set llamacpp.embedding: true in model_configs/chatty.yml"),
+                       ("declared", "add it to capabilities in model_configs/declared.yml")):
+        refused = proxy.post(path, {"model": model, **body})
+        assert refused.status_code == 400, refused.text
+        if path.startswith("/v1/"):  # each route answers in its own dialect's shape
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_request" and error["param"] == "model"
+            message = error["message"]
+        else:
+            assert set(refused.json()) == {"error"}
+            message = refused.json()["error"]
+        assert message.startswith(f'"{model}" does not support embeddings') and key in message, message
+    assert proxy.backends() == []  # refused before any lease: nothing was loaded
+    assert {proxy.status(name)["state"] for name in ("chatty", "declared")} == {"stopped"}
+
+    passed = proxy.post(path, {"model": "command", **body})  # a command profile without capabilities is asked
+    assert passed.status_code == 200, passed.text

@@ -22,7 +22,7 @@ from proxy.catalog import catalog_for
 from proxy.config import ModelConfig
 from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
 from proxy.manager import Lease
-from proxy.pipeline import MAX_MODEL_NAME, finish, open_upstream, pop_keep_alive
+from proxy.pipeline import MAX_MODEL_NAME, finish, open_upstream, pop_keep_alive, require_embedding
 from proxy.streaming import Guarded, close_then_release, ndjson, sse_data
 from proxy.upstream import Upstream
 from proxy.translate import (
@@ -424,7 +424,10 @@ def catalog_context(model: ModelConfig) -> int | None:
 
 
 def require_capabilities(model: ModelConfig, body: dict[str, Any], route: str) -> None:
-    """Refuse what the profile says the model cannot do (only when the profile lists capabilities)."""
+    """Refuse what the profile says the model cannot do (only when the profile lists capabilities,
+    or for embeddings, when it is known not to serve them)."""
+    if route == "embed":
+        require_embedding(model)  # its message names the profile key that enables embeddings
     if model.capabilities is None:
         return
     needed = {"embed": ["embedding"]}.get(route, ["completion"])
