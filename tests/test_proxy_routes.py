@@ -282,3 +282,33 @@ def test_embeddings_on_a_profile_that_cannot_embed_are_a_400_that_loads_nothing(
 
     passed = proxy.post(path, {"model": "command", **body})  # a command profile without capabilities is asked
     assert passed.status_code == 200, passed.text
+
+
+def test_unload_reads_a_json_body_whatever_its_content_type(start_proxy: Start) -> None:
+    proxy = start_proxy({"long": fake_profile("--token-delay", "0.3", "--tokens", "40"), "other": fake_profile()},
+                        proxy={"max_loaded_models": 2})
+    assert proxy.chat("other").status_code == 200
+    stream = proxy.chat("long", stream=True)
+    lines = stream.iter_lines()
+    next(lines)
+
+    def unload(body: bytes, content_type: str | None) -> requests.Response:
+        headers = proxy.headers(admin=True) | ({"Content-Type": content_type} if content_type else {})
+        return proxy.http.post(proxy.url + "/unload", data=body, headers=headers, timeout=60)
+
+    # curl -d sends application/x-www-form-urlencoded: still one model, still forced
+    started = time.monotonic()
+    forced = unload(b'{"model": "long", "force": true}', "application/x-www-form-urlencoded")
+    assert forced.status_code == 200 and forced.json() == {"unloaded": ["long"]}, forced.text
+    assert time.monotonic() - started < 6  # forced: it did not wait for the 12 s stream
+    rest = b"\n".join(lines)
+    assert b"[DONE]" not in rest and b'"error"' in rest
+    assert proxy.status("other")["state"] == "ready"
+
+    for bad in (b'{"model": "other"', b"model=other", b'["other"]'):
+        refused = unload(bad, "application/x-www-form-urlencoded")
+        assert refused.status_code == 400, refused.text
+        assert "JSON object" in refused.json()["error"]["message"]
+    assert proxy.status("other")["state"] == "ready"  # a body it cannot read never means "all models"
+
+    assert unload(b'{"model": "other"}', None).json() == {"unloaded": ["other"]}  # no Content-Type at all

@@ -70,9 +70,13 @@ def status_record(entry: ModelStatus) -> dict[str, Any]:
 def unload() -> Response:
     context = ProxyContext.current()
     context.authorize(admin=True)
-    body = request.get_json(force=True, silent=True) if request.method == "POST" and request.data else {}
+    # The raw bytes whatever the Content-Type: `request.data` is empty for a form type (curl -d
+    # sends one), which read as "no body", so the unload hit every model and ignored force.
+    sent = request.get_data(cache=True).strip() if request.method == "POST" else b""
+    body = request.get_json(force=True, silent=True) if sent else {}
     if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object like {\"model\": \"name\", \"force\": false}")
+        raise BadRequest("the request body must be a JSON object like {\"model\": \"name\", \"force\": false}; "
+                         "nothing was unloaded")
     requested = request.args.get("model", body.get("model"))
     force = _flag(request.args.get("force", body.get("force", False)))
     name = None if requested in (None, "") else resolve_model(context.config, requested).name
