@@ -63,6 +63,15 @@ class State(enum.Enum):
 
 _LOADED = (State.STARTING, State.READY, State.STOPPING)  # states that hold a slot (memory)
 
+# Ollama's "forever" is 2^63 ns (Go's longest Duration). Longer idle times are "never" too:
+# they cannot be shown as an expiry date (datetime ends in 9999) and would never arrive anyway.
+LONGEST_KEEP_ALIVE_S = 2 ** 63 / 1e9
+
+
+def _never_if_unrepresentable(keep_alive_s: float) -> float:
+    """Return keep_alive_s, or math.inf (never unload) when it is longer than an expiry date can say."""
+    return math.inf if keep_alive_s > LONGEST_KEEP_ALIVE_S else keep_alive_s
+
 
 class _Runtime:
     """Mutable state of one model. Every field is guarded by ModelManager._cond."""
@@ -146,7 +155,8 @@ class ModelManager:
         self._clock = clock
         self._cond = threading.Condition()
         self._models = {  # guarded by _cond
-            name: _Runtime(model, config.idle_timeout_s(model)) for name, model in config.models.items()
+            name: _Runtime(model, _never_if_unrepresentable(config.idle_timeout_s(model)))
+            for name, model in config.models.items()
         }
         self._queue: list[_Ticket] = []  # guarded by _cond
         self._closed = False             # guarded by _cond
@@ -244,7 +254,7 @@ class ModelManager:
         runtime.last_used = self._clock()
         runtime.deadline = math.inf
         if ticket.keep_alive_s is not None:  # the last request that sent one wins (Ollama)
-            runtime.keep_alive_s = ticket.keep_alive_s
+            runtime.keep_alive_s = _never_if_unrepresentable(ticket.keep_alive_s)
         return Lease(self, runtime, runtime.generation, runtime.process)
 
     def _release(self, runtime: _Runtime, generation: int) -> None:
@@ -502,23 +512,24 @@ class ModelManager:
         a removed one refuses new requests. Both keep serving their in-flight requests: the
         caller stops the returned models with unload(), which waits for them.
         """
-        with self._cond:
+        with self._cond:  # one step under the lock: no request sees half of the new config
             self._config = config
             restart = []
-            for name, runtime in self._models.items():
+            # A copy: adopting a removed profile drops it from _models while we walk them.
+            for name, runtime in list(self._models.items()):
                 model = config.models.get(name)
-                if model is None:
-                    runtime.removed = True
-                elif model != runtime.model:
-                    runtime.replacement = model
-                runtime.default_keep_alive_s = config.idle_timeout_s(model or runtime.model)
+                runtime.removed = model is None  # a profile removed earlier may come back
+                if model is not None:
+                    runtime.replacement = model if model != runtime.model else None
+                runtime.default_keep_alive_s = _never_if_unrepresentable(
+                    config.idle_timeout_s(model or runtime.model))
                 if runtime.state in (State.STOPPED, State.FAILED):
                     self._adopt_replacement(runtime)
                 elif model is None or runtime.replacement is not None:
                     restart.append(name)
             for name, model in config.models.items():
                 if name not in self._models:
-                    self._models[name] = _Runtime(model, config.idle_timeout_s(model))
+                    self._models[name] = _Runtime(model, _never_if_unrepresentable(config.idle_timeout_s(model)))
             self._cond.notify_all()  # waiters for removed models answer now
             return restart
 
