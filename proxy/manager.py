@@ -62,6 +62,7 @@ class State(enum.Enum):
 
 
 _LOADED = (State.STARTING, State.READY, State.STOPPING)  # states that hold a slot (memory)
+FORCED_STOP_GRACE_S = 1.0  # SIGTERM to SIGKILL for /unload?force=true (at most proxy.stop_grace)
 
 # Ollama's "forever" is 2^63 ns (Go's longest Duration). Longer idle times are "never" too:
 # they cannot be shown as an expiry date (datetime ends in 9999) and would never arrive anyway.
@@ -318,13 +319,15 @@ class ModelManager:
         generation = runtime.generation
         return lambda: self._start(runtime, generation)
 
-    def _claim_stop(self, runtime: _Runtime, reason: str, successor: ModelConfig | None = None) -> Callable[[], None]:
+    def _claim_stop(self, runtime: _Runtime, reason: str, successor: ModelConfig | None = None,
+                    grace_s: float | None = None) -> Callable[[], None]:
         process = runtime.process
         runtime.generation += 1
         runtime.leases = 0
         generation = runtime.generation
         self._set_state(runtime, State.STOPPING, reason=reason)
-        return lambda: self._stop(runtime, process, generation, successor)
+        grace_s = self._config.proxy.stop_grace_s if grace_s is None else grace_s
+        return lambda: self._stop(runtime, process, generation, successor, grace_s)
 
     # ----- transitions (outside the lock) -------------------------------------------------------
 
@@ -378,12 +381,12 @@ class ModelManager:
             process.stop(self._config.proxy.stop_grace_s)
 
     def _stop(self, runtime: _Runtime, process: Backend | None, generation: int,
-              successor: ModelConfig | None = None) -> None:
+              successor: ModelConfig | None, grace_s: float) -> None:
         reason = ""
         try:
             if process is not None:
                 # The successor lets a resident TabbyAPI swap in place instead of restarting.
-                returncode = process.stop(self._config.proxy.stop_grace_s, successor)
+                returncode = process.stop(grace_s, successor)
                 reason = f"pid {process.pid}: {describe_exit(returncode)}"
         except Exception:  # the slot must not stay STOPPING forever; the error is in the log
             log.exception("model %s: error while stopping pid %s", runtime.model.name, process and process.pid)
@@ -489,10 +492,13 @@ class ModelManager:
                 if state in (State.STOPPED, State.FAILED):
                     return did_stop
                 step = None
+                # A forced stop is answered "at once": llama.cpp ignores SIGTERM while it
+                # generates, so it must not sit out the whole stop_grace before the SIGKILL.
+                grace_s = min(FORCED_STOP_GRACE_S, self._config.proxy.stop_grace_s) if force else None
                 if state is State.READY and (force or runtime.leases == 0):
-                    step = self._claim_stop(runtime, reason="admin, forced" if force else "admin")
+                    step = self._claim_stop(runtime, reason="admin, forced" if force else "admin", grace_s=grace_s)
                 elif state is State.STARTING and force:
-                    step = self._claim_stop(runtime, reason="admin, forced")
+                    step = self._claim_stop(runtime, reason="admin, forced", grace_s=grace_s)
                 if step is None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config import Config, ModelConfig, load_config
 from proxy.errors import BackendFailed, BackendTimeout, ClientGone, ModelBusy, UnknownModel
-from proxy.manager import Lease, ModelManager, State
+from proxy.manager import FORCED_STOP_GRACE_S, Lease, ModelManager, State
 from tests.conftest import fake_profile, wait_until, write_config
 
 
@@ -64,6 +64,7 @@ class FakeProcess:
     progress = None
 
     def stop(self, grace_s: float, successor: ModelConfig | None = None) -> int:
+        self.grace_s = grace_s
         self.stopped.set()
         self.successor = successor
         return 0
@@ -415,6 +416,20 @@ def test_unload_waits_for_requests_unless_forced(manager: ModelManager, launcher
     assert launcher.last("alpha").stopped.is_set()
     lease.release()  # after a forced unload: ignored
     assert next(s for s in manager.snapshot() if s.name == "alpha").leases == 0
+
+
+def test_forced_unload_stops_with_a_short_grace_and_a_plain_one_with_stop_grace(
+        manager: ModelManager, launcher: FakeLauncher) -> None:
+    stop_grace_s = manager.config.proxy.stop_grace_s
+    assert stop_grace_s > FORCED_STOP_GRACE_S  # the test config's 3 s
+    lease = manager.acquire("alpha", timeout_s=5)
+    assert manager.unload("alpha", force=True) == ["alpha"]
+    assert launcher.last("alpha").grace_s == FORCED_STOP_GRACE_S
+    lease.release()
+
+    manager.acquire("alpha", timeout_s=5).release()
+    assert manager.unload("alpha") == ["alpha"]
+    assert launcher.last("alpha").grace_s == stop_grace_s
 
 
 def test_unload_of_a_stopped_model_reports_nothing(manager: ModelManager) -> None:

@@ -312,3 +312,21 @@ def test_unload_reads_a_json_body_whatever_its_content_type(start_proxy: Start) 
     assert proxy.status("other")["state"] == "ready"  # a body it cannot read never means "all models"
 
     assert unload(b'{"model": "other"}', None).json() == {"unloaded": ["other"]}  # no Content-Type at all
+
+
+def test_force_unload_does_not_wait_out_stop_grace_for_a_backend_ignoring_sigterm(start_proxy: Start) -> None:
+    # llama.cpp ignores SIGTERM while it generates; "force" promises the client an unload at once.
+    proxy = start_proxy({"stubborn": fake_profile("--ignore-sigterm", "--token-delay", "0.3", "--tokens", "60")},
+                        proxy={"stop_grace": 10})
+    stream = proxy.chat("stubborn", stream=True)
+    lines = stream.iter_lines()
+    next(lines)
+    [backend] = proxy.backends()
+    started = time.monotonic()
+    response = proxy.get("/unload?force=true", admin=True)
+    elapsed = time.monotonic() - started
+    assert response.json() == {"unloaded": ["stubborn"]}
+    assert elapsed < 6, f"a forced unload took {elapsed:.1f}s (stop_grace is 10 s)"
+    assert b"[DONE]" not in b"\n".join(lines)
+    assert not backend.is_running() or backend.status() == "zombie"
+    assert "ignored SIGTERM for 1s; sending SIGKILL" in proxy.log()
