@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Model-swapping proxy for local LLM servers.")
     parser.add_argument("--config", default="config.yml", help="config file (default: config.yml); before `keys`")
     parser.add_argument("--host", help="address to listen on (overrides proxy.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (overrides proxy.port)")
+    parser.add_argument("--port", help="port to listen on, 1-65535 (overrides proxy.port)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command")
     keys = commands.add_parser("keys", help="manage API keys in api_tokens.yml")
@@ -45,12 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     actions.add_parser("remove", help="remove a named key").add_argument("name")
     actions.add_parser("rotate", help="give a key a new value and print it once").add_argument("name")
     args = parser.parse_args(argv)
+    if args.port is not None and not (args.port.isascii() and args.port.isdigit() and 0 < int(args.port) < 65536):
+        print(f"error: --port: expected a TCP port 1-65535, got {args.port!r}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
         if args.command == "keys":
             return manage_keys(args, config.proxy.api_tokens_path)
-        overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+        port = None if args.port is None else int(args.port)
+        overrides = {key: value for key, value in (("host", args.host), ("port", port)) if value is not None}
         config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, **overrides))
         keys_loaded = load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
     except ConfigError as exc:
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     launcher = ProcessLauncher(config, registry)
     manager = ModelManager(config, launcher)
     app = create_app(config, manager, keys_loaded)
-    reloader = Reloader(app.extensions["proxy"], launcher)
+    reloader = Reloader(app.extensions["proxy"], launcher, overrides=overrides)  # a reload keeps --host/--port
     server = waitress.create_server(
         app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads, ident="model-proxy",
         send_bytes=1,  # every chunk leaves at once: tokens are never held back
@@ -82,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=server.run, name="http", daemon=True).start()
         log.info("serving %d model(s) on http://%s:%d (auth %s)", len(config.models), config.proxy.host,
                  config.proxy.port, "off" if config.proxy.disable_auth else f"on, keys in {config.proxy.api_tokens_path}")
+        if config.models:
+            log.info("models: %s; default: %s", ", ".join(
+                f"{name} (aliases {', '.join(model.aliases)})" if model.aliases else name
+                for name, model in config.models.items()),
+                config.default_model or "none (requests must name a model)")
         while not stop.wait(1.0):
             pass
     finally:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from proxy.app_context import ProxyContext
 from proxy.auth import load_keys
@@ -22,11 +24,17 @@ RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir", "cors_o
 
 
 class Reloader:
-    """A daemon thread that watches the config files and applies changes through the manager."""
+    """A daemon thread that watches the config files and applies changes through the manager.
 
-    def __init__(self, context: ProxyContext, launcher: ProcessLauncher | None, poll_s: float = POLL_S) -> None:
+    `overrides` are the `proxy:` settings the command line set (--host, --port): they apply to
+    every config read again, as they did to the first one.
+    """
+
+    def __init__(self, context: ProxyContext, launcher: ProcessLauncher | None, poll_s: float = POLL_S,
+                 overrides: Mapping[str, Any] | None = None) -> None:
         self._context = context
         self._launcher = launcher
+        self._overrides = dict(overrides or {})
         self._poll_s = poll_s
         self._requested = threading.Event()
         self._stopped = threading.Event()
@@ -62,8 +70,9 @@ class Reloader:
         """Read the config and keys again and apply them; keep the old ones if they are invalid."""
         old = self._context.config
         try:
-            new = load_config(old.path)
-            keys = load_keys(new.proxy.api_tokens_path, disabled=new.proxy.disable_auth)
+            new = load_config(old.path, empty_ok=False)  # an emptied file must not reset everything
+            new = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, **self._overrides))
+            keys = load_keys(new.proxy.api_tokens_path, disabled=new.proxy.disable_auth, create_missing=False)
         except ConfigError as exc:
             log.error("config not reloaded, keeping the running one: %s", exc)
             return False

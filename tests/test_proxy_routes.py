@@ -5,6 +5,8 @@ errors, template merging, streaming relay and backend failure modes the real ser
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import API_KEY, FAKE_BACKEND, ProxyProcess, fake_profile, llamacpp_profile
+from tests.conftest import API_KEY, FAKE_BACKEND, ROOT, ProxyProcess, fake_profile, llamacpp_profile, write_config
 
 Start = Callable[..., ProxyProcess]
 
@@ -330,3 +332,19 @@ def test_force_unload_does_not_wait_out_stop_grace_for_a_backend_ignoring_sigter
     assert b"[DONE]" not in b"\n".join(lines)
     assert not backend.is_running() or backend.status() == "zombie"
     assert "ignored SIGTERM for 1s; sending SIGKILL" in proxy.log()
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "70000", "-1", "abc", "9000.5"])
+def test_a_port_out_of_range_is_a_one_line_error_with_status_2(tmp_path: Path, port: str) -> None:
+    config_path = write_config(tmp_path, {"fake": fake_profile()})
+    done = subprocess.run([sys.executable, str(ROOT / "proxy.py"), "--config", str(config_path), "--port", port],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: --port: expected a TCP port 1-65535, got {port!r}"  # one line
+
+
+def test_the_startup_log_names_the_models_the_default_and_the_key_file(start_proxy: Start) -> None:
+    proxy = start_proxy({"fake": fake_profile(default=True, aliases=["f", "fk"]), "other": fake_profile()})
+    log = proxy.log()
+    assert "INFO proxy: models: fake (aliases f, fk), other; default: fake" in log
+    assert f"keys in {proxy.config_path.parent / 'api_tokens.yml'}" in log

@@ -54,3 +54,14 @@ def test_edited_files_are_picked_up_and_invalid_ones_are_refused(start_proxy: St
         return proxy.http.get(proxy.url + "/v1/models", headers={"x-api-key": "rotated-key-000000"}).status_code == 200
     proxy.wait_for(rotated, timeout_s=6, what="new key")
     assert proxy.get("/v1/models").status_code == 401  # the old key is gone
+
+
+def test_a_reload_keeps_the_command_line_port_without_warning(start_proxy: Start) -> None:
+    # start_proxy always passes --port (config.yml says 9000): the CLI wins on every reload too
+    proxy = start_proxy({"only": fake_profile()})
+    (proxy.config_path.parent / "model_configs" / "added.yml").write_text(yaml.safe_dump(fake_profile()))
+    proxy.popen.send_signal(signal.SIGHUP)
+    proxy.wait_for(lambda: "config reloaded" in proxy.log(), timeout_s=5, what="reload")
+    assert "proxy.port changed" not in proxy.log()
+    assert "restart the proxy" not in proxy.log()
+    assert proxy.chat("added").status_code == 200  # still serving on the --port it started on
