@@ -6,6 +6,8 @@ Never logs keys or headers; logs and errors name keys by their name only.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hmac
 import logging
 import math
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import yaml
 from werkzeug.datastructures import Headers as WerkzeugHeaders
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 Headers = WerkzeugHeaders | Mapping[str, str]
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 RATE = re.compile(r"\s*([0-9]+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+P = ParamSpec("P")
+R = TypeVar("R")
 WINDOWS_S = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 
 
@@ -91,13 +95,22 @@ def presented_keys(headers: Headers) -> list[str]:
     return [key for key in keys if key]
 
 
-def load_keys(path: Path, *, disabled: bool = False) -> Keys:
-    """Read api_tokens.yml; create it with random keys when missing (as TabbyAPI does)."""
+def load_keys(path: Path, *, disabled: bool = False, create_missing: bool = True) -> Keys:
+    """Read api_tokens.yml; create it with random keys when missing (as TabbyAPI does).
+
+    A reload passes create_missing=False: a key file that vanishes under a running proxy is an
+    error (the running keys stay), never a reason to make new keys nobody knows.
+    """
     if disabled:
         return Keys((), disabled=True)
     if not path.exists():
+        if not create_missing:
+            raise ConfigError(f"{path}: file not found")
         create_tokens_file(path)
-    return keys_from(path, _read(path))
+    raw = _read(path)
+    if not raw:
+        raise ConfigError(f"{path}: the file is empty; it needs admin_key (and api_key or keys)")
+    return keys_from(path, raw)
 
 
 def keys_from(path: Path, raw: Mapping[str, Any]) -> Keys:
@@ -194,6 +207,23 @@ def create_tokens_file(path: Path) -> None:
     log.warning("created %s with new random API keys (api_key for clients, admin_key for /unload)", path)
 
 
+def _one_edit_at_a_time(edit: Callable[Concatenate[Path, P], R]) -> Callable[Concatenate[Path, P], R]:
+    """Run a read-modify-write of the key file under an exclusive lock, so concurrent `keys` runs queue
+    instead of losing each other's keys (each rewrites the whole file)."""
+    @functools.wraps(edit)
+    def locked(path: Path, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        lock_path = path.with_name(f".{path.name}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # released when the descriptor closes
+            return edit(path, *args, **kwargs)
+        finally:
+            os.close(descriptor)
+    return locked
+
+
+@_one_edit_at_a_time
 def add_key(path: Path, name: str, *, admin: bool = False, rate_limit: str | None = None) -> str:
     """Add a named key to the file and return it (the only time it is shown)."""
     if not KEY_NAME.fullmatch(name):
@@ -215,6 +245,7 @@ def add_key(path: Path, name: str, *, admin: bool = False, rate_limit: str | Non
     return key
 
 
+@_one_edit_at_a_time
 def remove_key(path: Path, name: str) -> None:
     raw = _read(path)
     named = raw.get("keys") or []
@@ -226,6 +257,7 @@ def remove_key(path: Path, name: str) -> None:
     _write(path, raw)
 
 
+@_one_edit_at_a_time
 def rotate_key(path: Path, name: str) -> str:
     """Give a key (named, or admin_key/api_key) a new random value; return it."""
     raw = _read(path)
@@ -246,10 +278,22 @@ def list_keys(path: Path) -> list[KeyEntry]:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """Return the key file's mapping. Errors give a line and column, never the file's text: it holds keys."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read API keys: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read API keys: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        # PyYAML's message quotes the offending line, which may be a key: say only where it is.
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{where} (the text is not shown: it holds keys)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected api_key, admin_key and keys")
     return raw

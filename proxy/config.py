@@ -174,10 +174,16 @@ class Config:
         return self.proxy.startup_timeout_s if model.startup_timeout_s is None else model.startup_timeout_s
 
 
-def load_config(path: str | Path) -> Config:
-    """Read config.yml and every profile it points at; raise ConfigError naming what is wrong."""
+def load_config(path: str | Path, *, empty_ok: bool = True) -> Config:
+    """Read config.yml and every profile it points at; raise ConfigError naming what is wrong.
+
+    An empty config.yml means every default (a first start); a reload passes empty_ok=False, so
+    a file emptied under a running proxy is refused instead of resetting every setting.
+    """
     path = Path(path).resolve()
     raw = _read_yaml(path, missing_ok=False)
+    if not raw and not empty_ok:
+        raise ConfigError(f"{path}: the file is empty (an empty config.yml would reset every setting)")
     base = path.parent
     proxy = _proxy_settings(_Node(raw.get("proxy") or {}, path, "proxy"), base)
     tabby = MappingProxyType({key: value for key, value in raw.items() if key in TABBY_SECTIONS})
@@ -290,6 +296,8 @@ def _read_yaml(path: Path, *, missing_ok: bool) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:

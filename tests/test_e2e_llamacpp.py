@@ -23,13 +23,17 @@ from tests.conftest import ProxyProcess, llamacpp_profile
 Start = Callable[..., ProxyProcess]
 
 
-@pytest.fixture
-def two_models(start_proxy: Start, gguf: Path) -> ProxyProcess:
-    return start_proxy({
+def two_profiles(gguf: Path) -> dict[str, dict[str, Any]]:
+    return {
         "smol-a": llamacpp_profile(gguf, aliases=["alpha"], llamacpp={"model_path": str(gguf), "n_ctx": 1024,
                                                                      "embedding": True}),
         "smol-b": llamacpp_profile(gguf),
-    }, proxy={"unload_timer": 60})
+    }
+
+
+@pytest.fixture
+def two_models(start_proxy: Start, gguf: Path) -> ProxyProcess:
+    return start_proxy(two_profiles(gguf), proxy={"unload_timer": 60})
 
 
 def sse_events(response: requests.Response) -> list[str]:
@@ -154,22 +158,26 @@ def test_idle_unload_and_negative_keep_alive(start_proxy: Start, gguf: Path) -> 
     assert len(proxy.backends()) == 1
 
 
-def test_unload_route_needs_the_admin_key_and_waits_for_streams(two_models: ProxyProcess) -> None:
-    proxy = two_models
+def test_unload_route_needs_the_admin_key_and_waits_for_streams(start_proxy: Start, gguf: Path) -> None:
+    # On a busy 2-core machine SmolLM2 may make only ~2 tokens/s: a short stream, and a
+    # queue_timeout far above what it can take, so /unload waits for it and never answers 503.
+    proxy = start_proxy(two_profiles(gguf), proxy={"unload_timer": 60, "queue_timeout": 300})
     assert proxy.chat("smol-a").status_code == 200
     assert proxy.get("/unload").status_code == 403  # an API key is not enough
     assert proxy.http.get(proxy.url + "/unload").status_code == 401
 
-    stream = proxy.chat("smol-a", content="Tell me a long story.", max_tokens=120, stream=True)
+    stream = proxy.chat("smol-a", content="Tell me a long story.", max_tokens=32, stream=True)
     lines = stream.iter_lines()
     next(lines)
     started = time.monotonic()
     unloaded: dict[str, Any] = {}
-    unloader = threading.Thread(target=lambda: unloaded.setdefault("r", proxy.get("/unload", admin=True)))
+    unloader = threading.Thread(
+        target=lambda: unloaded.setdefault("r", proxy.get("/unload", admin=True, timeout=330)))
     unloader.start()
     rest = [line for line in lines if line.startswith(b"data: ")]
-    assert rest[-1] == b"data: [DONE]"
-    unloader.join(30)
+    assert rest[-1] == b"data: [DONE]"  # the stream ran to its end under the waiting unload
+    unloader.join(330)
+    assert "r" in unloaded, "/unload did not answer"
     assert unloaded["r"].status_code == 200 and unloaded["r"].json() == {"unloaded": ["smol-a"]}
     assert time.monotonic() - started > 0.2
     assert proxy.backends() == []

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
+from proxy.auth import load_keys
 from proxy.config import load_config
 from proxy.errors import UnknownModel
 from proxy.manager import ModelManager, State
-from tests.conftest import ProxyProcess, fake_profile
+from tests.conftest import ADMIN_KEY, API_KEY, ROOT, ProxyProcess, fake_profile, free_port, write_config
 from tests.test_manager import FakeClock, FakeLauncher, make_config, state
 
 Start = Callable[..., ProxyProcess]
@@ -136,3 +139,101 @@ def test_views_answer_after_a_keep_alive_beyond_a_date(start_proxy: Start, keep_
     assert proxy.status("fake")["unloads"] == "never" and proxy.status("fake")["expires_at"] is None
     [running] = proxy.get("/api/ps").json()["models"]
     assert running["expires_at"].startswith("2")  # now + Ollama's forever (about 292 years)
+
+
+# ----- Medium 10 and Low: the key file and config.yml: errors without keys, vanished, emptied, not UTF-8 -------
+
+LEAKY_ADMIN_KEY = "leaky-admin-key-must-not-be-logged-0123"
+
+
+def run_proxy(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run proxy.py to its exit (for starts that must fail); return its status and output."""
+    return subprocess.run([sys.executable, str(ROOT / "proxy.py"), "--config", str(config_path), *args],
+                          capture_output=True, text=True, timeout=60, cwd=config_path.parent)
+
+
+def test_a_yaml_typo_in_the_key_file_is_reported_by_line_without_its_keys(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, {"fake": fake_profile()})
+    (tmp_path / "api_tokens.yml").write_text(f"api_key: {API_KEY}\nadmin_key: {LEAKY_ADMIN_KEY}: oops\n")
+
+    started = run_proxy(config_path, "--port", str(free_port()))
+
+    assert started.returncode == 2
+    output = started.stdout + started.stderr
+    assert LEAKY_ADMIN_KEY not in output and API_KEY not in output
+    assert "api_tokens.yml: invalid YAML at line 2, column" in output
+    assert "Traceback" not in output
+
+
+def test_a_yaml_typo_in_the_key_file_on_reload_keeps_the_keys_and_logs_no_key(start_proxy: Start) -> None:
+    proxy = start_proxy({"fake": fake_profile()})
+    tokens = proxy.config_path.parent / "api_tokens.yml"
+    tokens.write_text(f"api_key: {API_KEY}\nadmin_key: \"{LEAKY_ADMIN_KEY}\n  - [unclosed\n")
+
+    assert proxy.post("/reload", admin=True).status_code == 400
+    assert proxy.get("/v1/models").status_code == 200  # the running keys still work
+    assert "invalid YAML at line" in proxy.log()
+    assert LEAKY_ADMIN_KEY not in proxy.log()
+
+
+def test_a_vanished_key_file_or_an_emptied_config_keeps_the_running_ones(start_proxy: Start) -> None:
+    proxy = start_proxy({"fake": fake_profile()}, proxy={"max_loaded_models": 2})
+    directory = proxy.config_path.parent
+    tokens = directory / "api_tokens.yml"
+    saved = tokens.read_text()
+
+    tokens.unlink()
+    proxy.wait_for(lambda: "api_tokens.yml: file not found" in proxy.log(), timeout_s=10, what="the refused reload")
+    assert proxy.post("/reload", admin=True).status_code == 400
+    assert not tokens.exists()  # no new random keys behind the operator's back
+    assert proxy.get("/v1/models").status_code == 200
+
+    tokens.write_text(saved)
+    proxy.config_path.write_text("")
+    proxy.wait_for(lambda: "config.yml: the file is empty" in proxy.log(), timeout_s=10, what="the refused reload")
+    assert proxy.post("/reload", admin=True).status_code == 400
+    status = proxy.get("/status").json()
+    assert status["max_loaded_models"] == 2  # not reset to the default 1
+    assert proxy.chat("fake").status_code == 200
+
+
+@pytest.mark.parametrize("which", ["config.yml", "api_tokens.yml", "model_configs/fake.yml"])
+def test_a_file_that_is_not_utf8_is_a_config_error_with_status_2(tmp_path: Path, which: str) -> None:
+    config_path = write_config(tmp_path, {"fake": fake_profile()})
+    path = tmp_path / which
+    path.write_bytes(path.read_bytes() + b"\n# caf\xe9 \xff\n")
+
+    started = run_proxy(config_path, "--port", str(free_port()))
+
+    assert started.returncode == 2, started.stderr
+    assert f"config error: {path}: not valid UTF-8 (byte" in started.stderr
+    assert "Traceback" not in started.stderr
+
+
+def test_a_file_that_is_not_utf8_on_reload_is_a_400_and_keeps_the_config(start_proxy: Start) -> None:
+    proxy = start_proxy({"fake": fake_profile()})
+    proxy.config_path.write_bytes(proxy.config_path.read_bytes() + b"\n# \xff\n")
+
+    answer = proxy.post("/reload", admin=True)
+
+    assert answer.status_code == 400, answer.text
+    assert proxy.chat("fake").status_code == 200
+    assert "Traceback" not in proxy.log()
+
+
+# ----- Low: the keys CLI under concurrent use ---------------------------------------------------------------
+
+def test_parallel_key_additions_all_land_and_every_printed_key_works(tmp_path: Path) -> None:
+    config_path = write_config(tmp_path, {})
+    names = [f"user{index}" for index in range(10)]
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "proxy.py"), "--config", str(config_path), "keys", "add", name],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names]
+    printed = {}
+    for name, run in zip(names, runs):
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        printed[name] = out.strip()
+
+    keys = {entry.name: entry.key for entry in load_keys(tmp_path / "api_tokens.yml").entries}
+    assert {name: keys.get(name) for name in names} == printed
+    assert keys["admin_key"] == ADMIN_KEY and keys["api_key"] == API_KEY
