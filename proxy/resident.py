@@ -4,7 +4,8 @@ Profiles with the same `resident_group` share one TabbyAPI process. A swap betwe
 unloads and loads the model over TabbyAPI's admin API (POST /v1/model/unload, /v1/model/load)
 instead of restarting the process, which skips the interpreter, torch and CUDA start-up. Any
 other stop kills the process, the only sure way to give all VRAM back; a failed in-place load
-falls back to a fresh process.
+falls back to a fresh process. An in-place load serves exactly what a fresh process would: a
+member whose settings differ in anything a load request cannot carry gets a fresh process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.backends import http_get
+from proxy.backends.tabby import load_request, process_settings
 from proxy.config import ModelConfig
 from proxy.errors import BackendFailed, BackendTimeout, ProxyError
 from proxy.supervisor import BackendProcess
@@ -28,11 +30,7 @@ ExitCallback = Callable[[Any, int], None]
 SpawnProcess = Callable[[ModelConfig, ExitCallback], BackendProcess]
 
 EMPTY_LINGER_S = 30.0  # a resident process with no model is kept this long for the next load
-# Keys of a profile's `model:` section that TabbyAPI's load request accepts (ModelLoadRequest).
-LOAD_KEYS = ("max_seq_len", "cache_size", "cache_mode", "tensor_parallel", "tensor_parallel_backend",
-             "gpu_split_auto", "autosplit_reserve", "gpu_split", "rope_scale", "rope_alpha", "chunk_size",
-             "output_chunking", "prompt_template", "vision", "backend")
-DRAFT_KEYS = ("draft_model_name", "draft_rope_scale", "draft_rope_alpha", "draft_gpu_split")
+SERVED_POLL_S = 0.02   # after a load's last event, how often to ask whether the model is served yet
 
 
 class ResidentGroup:
@@ -43,8 +41,15 @@ class ResidentGroup:
         self.lock = threading.Lock()
         self.process: BackendProcess | None = None
         self.loaded: str | None = None               # the profile loaded in the process now
+        self.settings: dict[str, str] = {}           # what the process runs with that a load cannot change
         self.on_exit: ExitCallback | None = None     # the loaded member's, told when the process dies
         self.generation = 0                          # bumped when the process changes or a load starts
+
+    def differences(self, model: ModelConfig) -> list[str]:
+        """Return the settings (dotted keys) in which `model` differs from what the process runs with,
+        beyond what a load request carries; empty when an in-place load gives what a fresh process would."""
+        wanted = process_settings(model)
+        return sorted(key for key in wanted.keys() | self.settings.keys() if wanted.get(key) != self.settings.get(key))
 
     def exited(self, process: BackendProcess, returncode: int) -> None:
         with self.lock:
@@ -65,28 +70,44 @@ class Residents:
         self._lock = threading.Lock()
 
     def launch(self, model: ModelConfig, on_exit: ExitCallback) -> ResidentMember:
-        """Return a member for `model`: loaded in place into an idle resident process, or a new process."""
+        """Return a member for `model`: loaded in place into an idle resident process, or a new process.
+
+        An idle resident process started with settings that a load request cannot change (anything
+        but the model and its load parameters) is replaced, so that an in-place load always serves
+        what a fresh process for `model` would.
+        """
         assert model.resident_group is not None
         with self._lock:
             group = self._groups.setdefault(model.resident_group, ResidentGroup(model.resident_group))
+        stale: BackendProcess | None = None
         with group.lock:
             process = group.process
-            if process is not None and process.is_alive() and group.loaded is None:
-                group.loaded, group.on_exit = model.name, on_exit
-                group.generation += 1
-                return ResidentMember(self, group, model, process, on_exit, in_place=True)
-            if process is not None and process.is_alive():
+            if process is not None and process.is_alive() and group.loaded is not None:
                 # The resident process holds another model (several may be loaded at once):
                 # this one gets a process of its own, as without the fast mode.
                 return ResidentMember(self, None, model, self._spawn(model, on_exit), on_exit, in_place=False)
-        return self._new_resident(group, model, on_exit)
+            if process is not None and process.is_alive():
+                differing = group.differences(model)
+                if not differing:
+                    group.loaded, group.on_exit = model.name, on_exit
+                    group.generation += 1
+                    return ResidentMember(self, group, model, process, on_exit, in_place=True)
+                group.process, stale = None, process
+        if stale is not None:
+            log.info("model %s: restarting resident group %s (pid %d) instead of loading in place: "
+                     "TabbyAPI's load request cannot change %s", model.name, group.name, stale.pid,
+                     ", ".join(differing))
+            stale.stop(10.0)
+        return ResidentMember(self, group, model, self.respawn(group, model, on_exit), on_exit, in_place=False)
 
-    def _new_resident(self, group: ResidentGroup, model: ModelConfig, on_exit: ExitCallback) -> ResidentMember:
+    def respawn(self, group: ResidentGroup, model: ModelConfig, on_exit: ExitCallback) -> BackendProcess:
+        """Start a new resident process for the group with `model` loaded at start-up."""
         process = self._spawn(model, group.exited)
         with group.lock:
             group.process, group.loaded, group.on_exit = process, model.name, on_exit
+            group.settings = process_settings(model)
             group.generation += 1
-        return ResidentMember(self, group, model, process, on_exit, in_place=False)
+        return process
 
     def linger(self, group: ResidentGroup, grace_s: float) -> None:
         """Kill the group's process if it is still empty after a while (a swap that never came)."""
@@ -156,7 +177,7 @@ class ResidentMember:
             return self._process.wait_ready(probe, timeout_s)
         started = time.monotonic()
         try:
-            self._load_in_place(timeout_s)
+            self._load_in_place(started + timeout_s)
             return time.monotonic() - started
         except ProxyError as exc:
             log.warning("model %s: in-place load failed (%s); starting a fresh process", self._model.name, exc.message)
@@ -168,8 +189,7 @@ class ResidentMember:
         if stale is not None:
             stale.stop(10.0)
         self._in_place = False
-        fresh = self._residents._new_resident(self._group, self._model, self._on_exit)
-        self._process = fresh._process
+        self._process = self._residents.respawn(self._group, self._model, self._on_exit)
         self.progress = None
         return self._process.wait_ready(None, max(1.0, timeout_s - (time.monotonic() - started)))
 
@@ -178,6 +198,11 @@ class ResidentMember:
         group = self._group
         keep = (group is not None and successor is not None and successor.resident_group == group.name
                 and group.process is self._process and self._process.is_alive())
+        if keep and group is not None and successor is not None and (differing := group.differences(successor)):
+            log.info("model %s: restarting resident group %s (pid %d) for %s instead of loading in place: "
+                     "TabbyAPI's load request cannot change %s", self._model.name, group.name, self.pid,
+                     successor.name, ", ".join(differing))
+            keep = False
         if keep and group is not None:
             try:
                 self._admin_post("/v1/model/unload", None, timeout_s=60)
@@ -196,22 +221,32 @@ class ResidentMember:
                     group.process, group.loaded, group.on_exit = None, None, None
         return self._process.stop(grace_s)
 
-    def _load_in_place(self, timeout_s: float) -> None:
-        model_section = self._model.tabby.get("model", {})
-        body: dict[str, Any] = {"model_name": self._model.upstream_model}
-        body.update({key: model_section[key] for key in LOAD_KEYS if key in model_section})
-        draft = self._model.tabby.get("draft_model", {})
-        if draft.get("draft_model_name"):
-            body["draft_model"] = {key: draft[key] for key in DRAFT_KEYS if key in draft}
-        for event in self._admin_stream("/v1/model/load", body, timeout_s):
+    def _load_in_place(self, deadline: float) -> None:
+        """Load the model over the admin API and wait until TabbyAPI serves it (monotonic deadline).
+
+        TabbyAPI sends its last `finished` event before it has installed the new model: for a
+        moment GET /v1/model still answers 503 "No models are currently loaded", so the load is
+        done only when the model is served.
+        """
+        for event in self._admin_stream("/v1/model/load", load_request(self._model), deadline - time.monotonic()):
             if "error" in event:
                 error = event["error"]
                 raise BackendFailed(f"{self._model.name}: TabbyAPI could not load it: "
                                     f"{error.get('message') if isinstance(error, dict) else error}")
-        answer = http_get(self.port, "/v1/model", self.headers)
-        served = answer[1].get("id") if answer and answer[0] == 200 and isinstance(answer[1], dict) else None
-        if served != self._model.upstream_model:
-            raise BackendFailed(f"{self._model.name}: after loading, TabbyAPI serves {served!r}")
+        expected = self._model.upstream_model
+        while True:
+            answer = http_get(self.port, "/v1/model", self.headers)
+            status, card = answer if answer is not None else (None, None)
+            served = card.get("id") if status == 200 and isinstance(card, dict) else None
+            if served == expected:
+                break
+            if served is not None or status not in (None, 503) or not self._process.is_alive():
+                raise BackendFailed(f"{self._model.name}: after loading, TabbyAPI serves {served!r} "
+                                    f"(GET /v1/model answered {status})")
+            if time.monotonic() >= deadline:
+                raise BackendTimeout(f"{self._model.name}: TabbyAPI finished loading but did not serve the "
+                                     "model before the start-up timeout")
+            time.sleep(SERVED_POLL_S)
         self.progress = None
 
     def _admin_stream(self, path: str, body: Any, timeout_s: float) -> list[dict[str, Any]]:

@@ -114,6 +114,36 @@ def test_tabby_config_names_the_model_after_the_profile_by_default(tmp_path: Pat
     }
 
 
+def test_resident_tabby_config_keeps_what_a_load_request_cannot_carry(tmp_path: Path) -> None:
+    # TabbyAPI's loads take only use_as_default keys from the process's config; without them an
+    # in-place load would fall back to TabbyAPI's defaults (max_batch_size 128 instead of 7).
+    profile = {"resident_group": "gpu0",
+               "model": {"model_name": "m1", "max_batch_size": 7, "cache_mode": "Q6", "tool_format": "qwen"},
+               "draft_model": {"draft_model_name": "d1", "draft_cache_mode": "Q4"}}
+    config = tabby_config_for(tmp_path, {"m": profile}, tabby_sections={"model": {"max_seq_len": 4096}})
+
+    generated = tabby.tabby_config(config.models["m"], 6000)
+
+    assert generated["model"]["use_as_default"] == ["max_batch_size", "tool_format", "draft_cache_mode"]
+    assert tabby.load_request(config.models["m"]) == {
+        "model_name": "m1", "max_seq_len": 4096, "cache_mode": "Q6", "draft_model": {"draft_model_name": "d1"}}
+
+
+@pytest.mark.parametrize(("other", "differs"), [
+    ({"model": {"model_name": "m2", "cache_mode": "Q4", "max_seq_len": 2048}}, []),  # all carried by a load
+    ({"model": {"model_name": "m2", "max_batch_size": 5}}, ["model.max_batch_size", "model.use_as_default"]),
+    ({"model": {"model_name": "m2"}, "sampling": {"override_preset": "x"}}, ["sampling.override_preset"]),
+    ({"model": {"model_name": "m2"}, "draft_model": {"draft_model_name": "d", "draft_cache_mode": "Q4"}},
+     ["draft_model.draft_cache_mode", "model.use_as_default"]),
+])
+def test_process_settings_name_what_an_in_place_load_cannot_change(tmp_path: Path, other: dict[str, Any],
+                                                                    differs: list[str]) -> None:
+    config = tabby_config_for(tmp_path, {"a": {"resident_group": "g", "model": {"model_name": "m1", "cache_mode": "Q8"}},
+                                         "b": {"resident_group": "g", **other}})
+    first, second = (tabby.process_settings(config.models[name]) for name in ("a", "b"))
+    assert sorted(key for key in first.keys() | second.keys() if first.get(key) != second.get(key)) == differs
+
+
 def test_tabby_config_does_not_change_the_profile(tmp_path: Path) -> None:
     config = tabby_config_for(tmp_path, {"m": {"network": {"port": 1}}})
     model = config.models["m"]

@@ -58,19 +58,70 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
     )
 
 
+# What TabbyAPI's load request (POST /v1/model/load, ModelLoadRequest) carries of the `model:` and
+# `draft_model:` sections. Everything else a load takes from the process's own config, and only for
+# the keys listed in `model.use_as_default`.
+LOAD_KEYS = ("max_seq_len", "cache_size", "cache_mode", "tensor_parallel", "tensor_parallel_backend",
+             "gpu_split_auto", "autosplit_reserve", "gpu_split", "rope_scale", "rope_alpha", "chunk_size",
+             "output_chunking", "prompt_template", "vision", "backend")
+DRAFT_LOAD_KEYS = ("draft_model_name", "draft_rope_scale", "draft_rope_alpha", "draft_gpu_split")
+_FORCED_MODEL_KEYS = ("model_dir", "model_name", "inline_model_loading", "use_as_default")
+
+
 def tabby_config(model: ModelConfig, port: int, *, auth: bool = False) -> dict[str, Any]:
     """Return the TabbyAPI config for one launch: config.yml and the profile, with our keys forced.
 
     Loopback only, on the port we chose, OpenAI routes only (Kobold's /api/* would shadow Ollama's).
     With auth off (the default) only local processes can reach it; clients authenticate to the proxy.
+    A process shared by a resident group also lists, in `model.use_as_default`, every model and draft
+    setting a load request cannot carry, so that an in-place load keeps them (TabbyAPI's loads
+    otherwise fall back to its defaults for those, e.g. max_batch_size).
     """
     sections: Mapping[str, Any] = model.tabby
-    model_dir = sections.get("model", {}).get("model_dir") or "models"  # relative to the TabbyAPI folder
-    forced = {
+    model_section = sections.get("model", {})
+    model_dir = model_section.get("model_dir") or "models"  # relative to the TabbyAPI folder
+    forced: dict[str, Any] = {
         "network": {"host": "127.0.0.1", "port": port, "disable_auth": not auth, "api_servers": ["OAI"]},
         "model": {"model_dir": model_dir, "model_name": model.upstream_model, "inline_model_loading": False},
     }
+    if model.resident_group:
+        kept = [*(model_section.get("use_as_default") or [])]
+        kept += [key for key in model_section if key not in LOAD_KEYS and key not in _FORCED_MODEL_KEYS]
+        kept += [key for key in sections.get("draft_model", {}) if key not in DRAFT_LOAD_KEYS]
+        if kept:
+            forced["model"]["use_as_default"] = list(dict.fromkeys(kept))
     return deep_merge(sections, forced)
+
+
+def load_request(model: ModelConfig) -> dict[str, Any]:
+    """Return the body of TabbyAPI's POST /v1/model/load for `model`: what a load can carry."""
+    model_section = model.tabby.get("model", {})
+    body: dict[str, Any] = {"model_name": model.upstream_model}
+    body.update({key: model_section[key] for key in LOAD_KEYS if key in model_section})
+    draft = model.tabby.get("draft_model", {})
+    if draft.get("draft_model_name"):
+        body["draft_model"] = {key: draft[key] for key in DRAFT_LOAD_KEYS if key in draft}
+    return body
+
+
+def process_settings(model: ModelConfig) -> dict[str, str]:
+    """Return the settings of a TabbyAPI process for `model` that an in-place load cannot change.
+
+    Flattened to dotted key paths (values as JSON-ish text) so two profiles can be compared: an
+    in-place load of B into a process started for A gives B's model only if these are equal.
+    """
+    generated = tabby_config(model, 0)
+    carried = {("model", key) for key in (*LOAD_KEYS, "model_name")}
+    carried |= {("draft_model", key) for key in DRAFT_LOAD_KEYS}
+    flat: dict[str, str] = {}
+    for section, values in generated.items():
+        if not isinstance(values, Mapping):
+            flat[section] = repr(values)
+            continue
+        for key, value in values.items():
+            if (section, key) not in carried:
+                flat[f"{section}.{key}"] = repr(value)
+    return flat
 
 
 def tabby_python(config: Config, tabby_dir: Path) -> str:
