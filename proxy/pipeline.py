@@ -18,6 +18,7 @@ from proxy.template import apply_template
 from proxy.upstream import Upstream
 
 MAX_MODEL_NAME = 256
+LENGTH_KEYS = ("max_tokens", "max_completion_tokens", "max_length")  # TabbyAPI's names for the answer's length
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,10 @@ def finish(model: ModelConfig, body: dict[str, Any], kind: str, keep_alive_s: fl
     """Return what to send for a validated OpenAI-shaped body: the profile's template, the backend's id."""
     body = apply_template(body, model.template, kind, now or datetime.now().astimezone())
     body["model"] = model.upstream_model
+    if model.backend == "tabbyapi" and kind == "completion" and all(body.get(key) is None for key in LENGTH_KEYS):
+        # TabbyAPI's streamed completions fail without a length (it adds to None: "Completion
+        # aborted"); 0 is its own "fill the context", what it does for a missing max_tokens elsewhere.
+        body["max_tokens"] = 0
     return Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=stream)
 
 

@@ -170,7 +170,8 @@ def data_url(encoded: str, where: str) -> str:
 
 
 def openai_tools_from_ollama(tools: object) -> list[dict[str, Any]]:
-    """Return tools for the backend; TabbyAPI rejects a function without a description."""
+    """Return tools for the backend; TabbyAPI rejects a function without a description or parameters
+    (422), which Ollama accepts, so both are filled in: an empty text, an object schema without fields."""
     if not isinstance(tools, list):
         raise BadRequest("tools: expected a list")
     converted = []
@@ -178,7 +179,11 @@ def openai_tools_from_ollama(tools: object) -> list[dict[str, Any]]:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest(f"tools[{index}].function.name: required")
-        converted.append({"type": "function", "function": {**function, "description": function.get("description") or ""}})
+        converted.append({"type": "function", "function": {
+            **function,
+            "description": function.get("description") or "",
+            "parameters": function.get("parameters") or {"type": "object", "properties": {}},
+        }})
     return converted
 
 

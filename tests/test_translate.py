@@ -367,6 +367,13 @@ def test_tool_results_pair_with_generated_ids() -> None:
                                             "parameters": {"type": "object", "properties": {}}}}]),
         ([{"type": "function", "function": {"name": "f", "description": "Does f.", "parameters": {"type": "object"}}}],
          [{"type": "function", "function": {"name": "f", "description": "Does f.", "parameters": {"type": "object"}}}]),
+        # Ollama accepts a function without parameters; TabbyAPI answers 422 without them.
+        ([{"type": "function", "function": {"name": "now", "description": "The time."}}],
+         [{"type": "function", "function": {"name": "now", "description": "The time.",
+                                            "parameters": {"type": "object", "properties": {}}}}]),
+        ([{"type": "function", "function": {"name": "now", "parameters": None}}],
+         [{"type": "function", "function": {"name": "now", "description": "",
+                                            "parameters": {"type": "object", "properties": {}}}}]),
         ([], []),
     ],
 )

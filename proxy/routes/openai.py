@@ -78,7 +78,7 @@ def forward(kind: str, path: str) -> Response:
     content_type = upstream_response.headers.get("Content-Type", "application/json")
     if prepared.stream and upstream_response.status_code == 200 and content_type.startswith("text/event-stream"):
         chunks = context.upstream.iter_body(lease, upstream_response)
-        if prepared.model.upstream_model != prepared.model.name:
+        if renames_model(prepared.model):
             chunks = replacing(chunks, model_field_replacements(prepared.model))
         return Response(relay(chunks, upstream_response.close, lease, sse_error_event),
                         status=200, content_type=content_type, headers=STREAM_HEADERS)
@@ -86,24 +86,38 @@ def forward(kind: str, path: str) -> Response:
         body = context.upstream.read(lease, upstream_response)
     finally:
         lease.release()
-    if upstream_response.status_code == 200 and prepared.model.upstream_model != prepared.model.name:
+    if upstream_response.status_code == 200 and renames_model(prepared.model):
         body = renamed(body, prepared.model.name)
     return Response(body, status=upstream_response.status_code, content_type=content_type)
 
 
+def renames_model(model: ModelConfig) -> bool:
+    """Say whether answers need the public name put in: the backend uses another id, or TabbyAPI's
+    completion chunks name the model only in `model_name` (clients read `model`)."""
+    return model.upstream_model != model.name or model.backend == "tabbyapi"
+
+
 def model_field_replacements(model: ModelConfig) -> list[tuple[bytes, bytes]]:
-    """Return the byte patterns that rename the backend's model id in SSE chunks (compact and spaced JSON)."""
+    """Return the byte patterns that rename the backend's model id in SSE chunks (compact and spaced JSON).
+
+    TabbyAPI's completion chunks carry `"model_name": <folder>` and no `model`: that field becomes
+    both, so every chunk names the model as the client knows it.
+    """
     old, new = json.dumps(model.upstream_model).encode(), json.dumps(model.name).encode()
-    return [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)]
+    return [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new),
+            (b'"model_name":' + old, b'"model":' + new + b',"model_name":' + new),
+            (b'"model_name": ' + old, b'"model": ' + new + b', "model_name": ' + new)]
 
 
 def renamed(body: bytes, name: str) -> bytes:
-    """Return a JSON answer with `model` set to the name the client knows (backends use their own)."""
+    """Return a JSON answer with `model` (and TabbyAPI's `model_name`) set to the name the client knows."""
     try:
         answer = json.loads(body)
     except ValueError:
         return body
-    if isinstance(answer, dict) and "model" in answer:
+    if isinstance(answer, dict) and ("model" in answer or "model_name" in answer):
         answer["model"] = name
+        if "model_name" in answer:
+            answer["model_name"] = name
         return json.dumps(answer).encode()
     return body
