@@ -51,6 +51,38 @@ def gguf() -> Path:
     return path
 
 
+TESTBED = ROOT.parent / "shared" / "tabbyapi-testbed"
+
+
+@pytest.fixture(scope="session")
+def tabby_testbed() -> Path:
+    """A checkout of the real TabbyAPI server (only torch and exllamav3 faked), set up once.
+
+    PROXY_TABBY_DIR names one already set up (.ci/run does that); otherwise the test bed's setup.sh
+    (shared/tabbyapi-testbed beside this repository, or PROXY_TABBY_TESTBED) makes one in a cache
+    folder. Without the test bed the tabbyapi tests skip, except in CI where they fail.
+    """
+    ready = os.environ.get("PROXY_TABBY_DIR")
+    if ready:
+        path = Path(ready)
+        if not (path / "main.py").is_file() or not (path / "venv" / "bin" / "python").is_file():
+            pytest.fail(f"PROXY_TABBY_DIR={ready} is not a TabbyAPI test bed (no main.py and venv/bin/python)")
+        return path
+    testbed = Path(os.environ.get("PROXY_TABBY_TESTBED", TESTBED))
+    setup = testbed / "setup.sh"
+    if not setup.is_file():
+        message = (f"the TabbyAPI test bed is missing ({setup} not found): these tests run TabbyAPI's real "
+                   "server code; see shared/tabbyapi-testbed/README.md")
+        if os.environ.get("CI") or os.environ.get("PROXY_REQUIRE_REAL_BACKEND"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "model-proxy" / "tabbyapi-testbed"
+    done = subprocess.run(["bash", str(setup), str(cache)], capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.fail(f"the TabbyAPI test bed's setup.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return cache
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
     """Poll predicate until true; fail the test after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -105,7 +137,7 @@ def _port_base() -> int:
 class ProxyProcess:
     """`python proxy.py` as a real child process, with helpers to talk to it and inspect its children."""
 
-    def __init__(self, config_path: Path, port: int) -> None:
+    def __init__(self, config_path: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -114,6 +146,7 @@ class ProxyProcess:
         self.popen = subprocess.Popen(
             [sys.executable, str(ROOT / "proxy.py"), "--config", str(config_path), "--port", str(port)],
             cwd=config_path.parent, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **env} if env else None,  # backends inherit the proxy's environment
         )
         self.seen_backends: dict[int, float] = {}  # pid -> create_time, every backend ever observed
         self.http = requests.Session()
@@ -222,9 +255,9 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     fails the test if any backend it started is still running (checked in the process table)."""
     started: list[ProxyProcess] = []
 
-    def start(profiles: dict[str, dict[str, Any]], **options: Any) -> ProxyProcess:
+    def start(profiles: dict[str, dict[str, Any]], env: dict[str, str] | None = None, **options: Any) -> ProxyProcess:
         config_path = write_config(tmp_path / f"proxy{len(started)}", profiles, **options)
-        proxy = ProxyProcess(config_path, free_port())
+        proxy = ProxyProcess(config_path, free_port(), env)
         started.append(proxy)
         proxy.wait_healthy()
         return proxy
