@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -74,21 +75,31 @@ def close_then_release(close: Callable[[], None], lease: Releasable) -> None:
         lease.release()
 
 
+REPLACE_HOLD_MAX = 1024 * 1024  # a line longer than this passes unreplaced rather than held whole
+
+
 def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) -> Iterator[bytes]:
     """Yield chunks with byte strings replaced (e.g. a backend's model id by the public name).
 
     Patterns never span lines, so each chunk is cut after its last newline and the rest waits for
-    the next one: a pattern split between two reads is still found.
+    the next one: a pattern split between two reads is still found. The pieces of a line are kept
+    in a list (linear, however many pieces) and at most REPLACE_HOLD_MAX bytes of one are held.
     """
-    carry = b""
+    held: list[bytes] = []
+    held_size = 0
     for chunk in chunks:
-        data = carry + chunk
-        cut = data.rfind(b"\n") + 1
-        data, carry = data[:cut], data[cut:]
-        if data:
-            yield _replaced(data, replacements)
-    if carry:
-        yield _replaced(carry, replacements)
+        cut = chunk.rfind(b"\n") + 1
+        if not cut and held_size + len(chunk) <= REPLACE_HOLD_MAX:
+            held.append(chunk)
+            held_size += len(chunk)
+            continue
+        if not cut:
+            cut = len(chunk)  # an endless line: let it go as it is
+        data = b"".join([*held, chunk[:cut]]) if held else chunk[:cut]
+        held, held_size = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
+        yield _replaced(data, replacements)
+    if held:
+        yield _replaced(b"".join(held), replacements)
 
 
 def _replaced(data: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
@@ -97,17 +108,28 @@ def _replaced(data: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
     return data
 
 
+_EVENT_END = re.compile(rb"(?:\r\n|\n)(?:\r\n|\n)")  # a blank line, LF or CRLF framing
+
+
 def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:
-    """Yield the data of each server-sent event as it completes (LF or CRLF framing; comments skipped)."""
-    buffer = b""
+    """Yield the data of each server-sent event as it completes (LF or CRLF framing; comments skipped).
+
+    Each chunk is searched only where a new event end can be (its own bytes and the 3 before), so
+    a long event arriving in many pieces costs linear time, not quadratic.
+    """
+    buffer = bytearray()
     for chunk in chunks:
-        buffer = (buffer + chunk).replace(b"\r\n", b"\n")
-        while (end := buffer.find(b"\n\n")) >= 0:
-            event, buffer = buffer[:end], buffer[end + 2:]
-            data = _event_data(event)
+        search_from = max(0, len(buffer) - 3)  # an event end may straddle two chunks
+        buffer += chunk
+        start = 0
+        while (end := _EVENT_END.search(buffer, search_from)) is not None:
+            data = _event_data(bytes(buffer[start:end.start()]).replace(b"\r\n", b"\n"))
+            start = search_from = end.end()
             if data is not None:
                 yield data
-    data = _event_data(buffer.strip(b"\n"))  # a last event the backend did not terminate
+        if start:
+            del buffer[:start]
+    data = _event_data(bytes(buffer).replace(b"\r\n", b"\n").strip(b"\n"))  # a last event the backend did not end
     if data is not None:
         yield data
 
