@@ -39,6 +39,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
         connect_timeout_s=config.proxy.connect_timeout_s,
         read_timeout_s=config.proxy.read_timeout_s,
         pool_size=config.proxy.threads,
+        max_answer_bytes=int(config.proxy.max_answer_mb * 1024 * 1024),
     )
     app.extensions["proxy"] = ProxyContext(manager, upstream, keys, time.time())
     app.config["MAX_CONTENT_LENGTH"] = int(config.proxy.max_body_mb * 1024 * 1024)  # 413 beyond it

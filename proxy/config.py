@@ -64,6 +64,7 @@ class ProxySettings:
     tabby_python: str | None = None
     tabby_auth: str = "off"  # "off": TabbyAPI runs with auth disabled on loopback; "keys": it keeps its keys
     max_body_mb: float = 64.0      # larger request bodies get 413
+    max_answer_mb: float = 256.0   # the most of one backend answer held in memory to translate it; 502 beyond
     max_concurrent: int = 0        # requests per model at once (0: no limit); more wait in the queue
     max_queue: int = 512           # requests waiting for a model, all models together; more get 503
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running answers may take to finish
@@ -314,7 +315,7 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         "host", "port", "threads", "unload_timer", "max_loaded_models", "startup_timeout", "stop_grace",
         "queue_timeout", "connect_timeout", "read_timeout", "backend_ports", "profiles_dir", "api_tokens",
         "state_dir", "disable_auth", "tabby_dir", "tabby_python", "tabby_auth", "ollama_version",
-        "max_body_mb", "max_concurrent", "max_queue", "drain_timeout", "cors_origins", "log_bodies",
+        "max_body_mb", "max_answer_mb", "max_concurrent", "max_queue", "drain_timeout", "cors_origins", "log_bodies",
     })
     defaults = ProxySettings()
     port = node.get("port", int, defaults.port)
@@ -345,6 +346,7 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         tabby_python=_program(node.get("tabby_python", str, None), base),
         tabby_auth=_choice(node, "tabby_auth", ("off", "keys"), "off"),
         max_body_mb=float(node.positive("max_body_mb", defaults.max_body_mb)),
+        max_answer_mb=float(node.positive("max_answer_mb", defaults.max_answer_mb)),
         max_concurrent=_non_negative(node, "max_concurrent", defaults.max_concurrent),
         max_queue=node.positive("max_queue", defaults.max_queue, integer=True),
         drain_timeout_s=float(_non_negative(node, "drain_timeout", defaults.drain_timeout_s)),

@@ -23,8 +23,10 @@ READ_SIZE = 16 * 1024  # a burst larger than this leaves in several writes
 class Upstream:
     """Requests to backends over one connection pool; every failure comes out as a ProxyError."""
 
-    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int) -> None:
+    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int,
+                 max_answer_bytes: int = 256 * 1024 * 1024) -> None:
         self._timeouts = (connect_timeout_s, read_timeout_s)
+        self.max_answer_bytes = max_answer_bytes  # the most of one answer read() holds (proxy.max_answer_mb)
         self._http = requests.Session()
         self._http.trust_env = False  # backends are on loopback: never through an HTTP(S)_PROXY
         adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
@@ -50,13 +52,32 @@ class Upstream:
                                 f"{_reason(exc)}") from exc
 
     def read(self, lease: Lease, response: requests.Response) -> bytes:
-        """Return a whole response body; the connection goes back to the pool."""
+        """Return a whole response body; the connection goes back to the pool.
+
+        Holds at most max_answer_bytes: a larger answer is a BackendFailed (502) naming the limit,
+        so that one huge answer cannot take the proxy's memory.
+        """
+        limit = self.max_answer_bytes
         try:
-            return response.content
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise self._too_large(lease)
+            parts, size = [], 0
+            for part in response.iter_content(chunk_size=READ_SIZE * 4):
+                size += len(part)
+                if size > limit:
+                    raise self._too_large(lease)
+                parts.append(part)
+            return b"".join(parts)
         except requests.RequestException as exc:
             raise self._broken(lease, exc) from exc
         finally:
             response.close()
+
+    def _too_large(self, lease: Lease) -> BackendFailed:
+        return BackendFailed(f"{lease.model_name}: the backend's answer is larger than "
+                             f"{self.max_answer_bytes / 1048576:g} MiB, the most the proxy holds to translate "
+                             "one answer (proxy.max_answer_mb)")
 
     def iter_body(self, lease: Lease, response: requests.Response) -> Iterator[bytes]:
         """Yield the body as the backend sends it: whatever has arrived, at once; raise ProxyError if it breaks.
@@ -68,8 +89,9 @@ class Upstream:
         """
         reader = _socket_reader(response)
         try:
-            if reader is None:
-                yield from response.iter_content(chunk_size=None)
+            if reader is None:  # a sized or close-delimited body: whatever has arrived, at most READ_SIZE
+                while data := response.raw.read1(READ_SIZE):
+                    yield data
                 return
             decoder = ChunkedDecoder()
             while not decoder.done:

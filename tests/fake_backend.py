@@ -20,6 +20,7 @@ Opt-in flags for the Ollama routes (each off by default):
                      first event
   --crlf             SSE events framed with CRLF line ends
   --record           remember every POST (path and body); GET /requests returns them
+  --embedding-dims N each embedding has N numbers (large answers: N=2000000 is about 20 MB each)
 """
 
 import argparse
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--tabby-style", action="store_true")
     p.add_argument("--crlf", action="store_true")
     p.add_argument("--record", action="store_true")
+    p.add_argument("--embedding-dims", type=int, default=3)
     return p.parse_args(argv)
 
 
@@ -198,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
         inputs = inp if isinstance(inp, list) else [inp]
         self.send_json(200, {
             "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            "data": [{"object": "embedding", "index": i, "embedding": ([0.1, 0.2, 0.3] * ARGS.embedding_dims)[:ARGS.embedding_dims]}
                      for i in range(len(inputs))],
             "model": ARGS.model,
             "usage": {"prompt_tokens": 1, "total_tokens": 1}})

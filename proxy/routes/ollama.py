@@ -214,7 +214,7 @@ def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"
     if call.stream:
         return Response(stream_records(events, lease, upstream, translator, load_ns), mimetype=NDJSON)
     try:
-        for event in events:
+        for event in bounded(events, context.upstream.max_answer_bytes, model.name):
             translator.feed(event, time.monotonic_ns(), time.time_ns())
         answer = translator.aggregate(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns())
     except ValueError as exc:  # a tool call the backend garbled
@@ -246,6 +246,19 @@ def stream_records(events: Iterator[dict[str, Any]], lease: Lease, upstream: req
             yield ndjson({"error": message})
 
     return Guarded(records(), lambda: close_then_release(upstream.close, lease))
+
+
+def bounded(events: Iterator[dict[str, Any]], limit: int, model_name: str) -> Iterator[dict[str, Any]]:
+    """Yield the events of an answer that is gathered whole; 502 once their text passes `limit` bytes."""
+    held = 0
+    for event in events:
+        for choice in event.get("choices") or ():
+            if isinstance(choice, dict):  # chat deltas (text, thinking, tool calls) or completion text
+                held += len(json.dumps([choice.get("delta"), choice.get("message"), choice.get("text")]))
+        if held > limit:
+            raise UpstreamError(502, f"{model_name}: the answer is larger than {limit / 1048576:g} MiB, the most "
+                                     "the proxy holds to gather one answer (proxy.max_answer_mb); stream it instead")
+        yield event
 
 
 def chunk_events(client: Upstream, lease: Lease, upstream: requests.Response) -> Iterator[dict[str, Any]]:

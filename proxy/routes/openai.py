@@ -16,6 +16,7 @@ from proxy.streaming import relay, replacing
 bp = Blueprint("openai", __name__)
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+WHOLE_BODY_MAX = 1024 * 1024  # a non-stream answer up to this size is read whole (renamed as JSON, sized)
 
 
 @bp.before_request
@@ -82,13 +83,27 @@ def forward(kind: str, path: str) -> Response:
             chunks = replacing(chunks, model_field_replacements(prepared.model))
         return Response(relay(chunks, upstream_response.close, lease, sse_error_event),
                         status=200, content_type=content_type, headers=STREAM_HEADERS)
-    try:
-        body = context.upstream.read(lease, upstream_response)
-    finally:
-        lease.release()
-    if upstream_response.status_code == 200 and renames_model(prepared.model):
-        body = renamed(body, prepared.model.name)
-    return Response(body, status=upstream_response.status_code, content_type=content_type)
+    declared = upstream_response.headers.get("Content-Length", "")
+    if upstream_response.status_code != 200 or (declared.isdigit() and int(declared) <= WHOLE_BODY_MAX):
+        try:
+            body = context.upstream.read(lease, upstream_response)
+        finally:
+            lease.release()
+        if upstream_response.status_code == 200 and renames_model(prepared.model):
+            body = renamed(body, prepared.model.name)
+        return Response(body, status=upstream_response.status_code, content_type=content_type)
+    # A large or unsized answer (a big embedding batch) passes through as it arrives instead of being
+    # held whole; the model id is renamed in the bytes, as in streams.
+    chunks = context.upstream.iter_body(lease, upstream_response)
+    if renames_model(prepared.model):
+        chunks = replacing(chunks, model_field_replacements(prepared.model))
+    return Response(relay(chunks, upstream_response.close, lease, abort_body), status=200, content_type=content_type)
+
+
+def abort_body(error: ProxyError) -> bytes:
+    """End a plain (non-SSE) answer that broke off: the connection closes without the last chunk,
+    so the client sees a truncated body rather than a complete one that is wrong."""
+    raise error
 
 
 def renames_model(model: ModelConfig) -> bool:
