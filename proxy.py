@@ -23,7 +23,7 @@ from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
 from proxy.config import ConfigError, load_config
 from proxy.manager import ModelManager, ProcessLauncher
 from proxy.reloader import Reloader
-from proxy.supervisor import ChildRegistry
+from proxy.sessions import ChildRegistry, StateDirInUse, lock_state_dir
 
 log = logging.getLogger("proxy")
 
@@ -63,19 +63,28 @@ def main(argv: list[str] | None = None) -> int:
 
     if not config.models:
         log.warning("no model profiles in %s: every request will answer 404", config.proxy.profiles_dir)
+    try:  # before reaping: a live proxy's backends are not orphans
+        state_lock = lock_state_dir(config.proxy.state_dir)  # held until this process exits
+    except (StateDirInUse, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     registry = ChildRegistry(config.proxy.state_dir / "backends.json")
     registry.reap_stale(config.proxy.stop_grace_s)  # before binding: a crashed proxy's children hold ports
     launcher = ProcessLauncher(config, registry)
     manager = ModelManager(config, launcher)
     app = create_app(config, manager, keys_loaded)
     reloader = Reloader(app.extensions["proxy"], launcher, overrides=overrides)  # a reload keeps --host/--port
-    server = waitress.create_server(
-        app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads, ident="model-proxy",
-        send_bytes=1,  # every chunk leaves at once: tokens are never held back
-        channel_request_lookahead=1,  # lets waitress notice a client that leaves while its request waits
-        # A backstop above Flask's limit, which answers 413 in each route's own error shape.
-        max_request_body_size=int(config.proxy.max_body_mb * 1024 * 1024) * 2 + 1024 * 1024,
-    )
+    try:  # waitress binds here: a port in use is an operator's error, not a traceback
+        server = waitress.create_server(
+            app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads, ident="model-proxy",
+            send_bytes=1,  # every chunk leaves at once: tokens are never held back
+            channel_request_lookahead=1,  # lets waitress notice a client that leaves while its request waits
+            # A backstop above Flask's limit, which answers 413 in each route's own error shape.
+            max_request_body_size=int(config.proxy.max_body_mb * 1024 * 1024) * 2 + 1024 * 1024,
+        )
+    except OSError as exc:
+        print(f"error: cannot listen on {config.proxy.host}:{config.proxy.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())

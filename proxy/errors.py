@@ -19,10 +19,16 @@ class ProxyError(Exception):
     code = "internal_error"
     kind = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message = message  # what the client is told
         self.param = param
+        # For the log and admins only, never rendered to clients: a backend's output tail, an
+        # argv, a path. str(error) includes it, so a logged error shows it.
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.detail}" if self.detail else self.message
 
     def headers(self) -> dict[str, str]:
         return {}

@@ -20,7 +20,8 @@ from proxy.backends import plan_launch
 from proxy.config import Config, ModelConfig
 from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, UnknownModel
 from proxy.resident import Residents
-from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, describe_exit, spawn
+from proxy.sessions import ChildRegistry
+from proxy.supervisor import BackendProcess, PortPool, describe_exit, spawn
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class _Runtime:
         self.keep_alive_s = keep_alive_s
         self.deadline = math.inf         # monotonic; meaningful when READY with no leases
         self.last_used = 0.0
-        self.last_error: str | None = None
+        self.last_error: str | None = None   # a summary: what clients may see
+        self.last_output: str | None = None  # the backend's output tail with it: for the log and admins
         self.failure_type: type[ProxyError] = BackendFailed  # BackendTimeout when the start timed out
         self.unloads_pending = 0         # admin unloads waiting for the leases to drain
         self.ready_since: float | None = None
@@ -120,6 +122,7 @@ class ModelStatus:
     expires_at: datetime | None  # wall clock; None while in use or not loaded
     ready_since: datetime | None
     last_error: str | None
+    last_output: str | None  # the output tail behind last_error: for admins only (paths, argv, tracebacks)
     backend: str
     requests_served: int
     progress: str | None = None  # load progress of an in-place (resident) load
@@ -351,7 +354,8 @@ class ModelManager:
         except Exception as exc:  # any failure must leave STARTING, or the model is stuck there
             if not isinstance(exc, ProxyError):
                 log.exception("model %s: unexpected error while starting", model.name)
-            error = exc if isinstance(exc, ProxyError) else BackendFailed(f"{model.name}: cannot start: {exc}")
+            error = exc if isinstance(exc, ProxyError) else BackendFailed(
+                f"{model.name}: cannot start ({type(exc).__name__}); see the proxy's log", detail=str(exc))
             if process is not None:
                 process.stop(self._config.proxy.stop_grace_s)
             with self._cond:
@@ -360,9 +364,10 @@ class ModelManager:
                 if generation == runtime.generation:
                     runtime.process = None
                     runtime.last_error = error.message
+                    runtime.last_output = error.detail
                     runtime.failure_type = type(error)
                     runtime.failed_attempt = runtime.attempt
-                    self._set_state(runtime, State.FAILED, reason=error.message)
+                    self._set_state(runtime, State.FAILED, reason=str(error))  # the log gets the detail
                     self._adopt_replacement(runtime)
                 self._cond.notify_all()
             return
@@ -370,6 +375,7 @@ class ModelManager:
             stale = generation != runtime.generation
             if not stale:
                 runtime.last_error = None
+                runtime.last_output = None
                 runtime.ready_since = time.time()
                 # The idle clock runs until a waiter takes its lease, so a model loaded for
                 # clients that all left still unloads on time.
@@ -410,6 +416,7 @@ class ModelManager:
             runtime.process = None
             runtime.ready_since = None
             runtime.last_error = f"{runtime.model.name}: the backend exited unexpectedly (exit status {returncode})"
+            runtime.last_output = f"last output:\n{tail}"
             log.error("model %s: backend exited unexpectedly with status %s; last output:\n%s",
                       runtime.model.name, returncode, tail)
             self._set_state(runtime, State.STOPPED, reason="crashed")
@@ -622,6 +629,7 @@ class ModelManager:
             expires_at=expires_at,
             ready_since=datetime.fromtimestamp(runtime.ready_since, timezone.utc) if runtime.ready_since else None,
             last_error=runtime.last_error,
+            last_output=runtime.last_output,
             backend=runtime.model.backend,
             requests_served=runtime.requests_served,
             progress=process.progress if process is not None and runtime.state is State.STARTING else None,

@@ -1,16 +1,18 @@
 """Backend processes: spawn in their own session, drain output, wait until ready, stop, detect exit.
 
-Also owns the loopback port pool and the registry of child PIDs that lets a restarted proxy reap
-children a crashed one left behind. Knows nothing of models' states, leases or clients.
+Also owns the loopback port pool. A backend's session (what a wrapper or a forking server starts)
+is stopped with it; proxy/sessions.py finds its processes and records them for a restarted proxy
+to reap. Knows nothing of models' states, leases or clients.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
-import json
+import io
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,11 +24,16 @@ from pathlib import Path
 
 from proxy.backends import LaunchPlan, Probe
 from proxy.errors import BackendFailed, BackendTimeout
+from proxy.sessions import (
+    KILL_WAIT_S, SPAWN_MARK, ChildRegistry, ProcessStat, process_start_ticks, session_members, signal_processes,
+)
 
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 200
-LOG_ROTATE_BYTES = 20 * 1024 * 1024
+LINE_BYTES = 8 * 1024               # output read at a time: a line without newline is cut in pieces
+LOG_ROTATE_BYTES = 20 * 1024 * 1024  # a backend's log moves to <model>.log.1 beyond this, even while running
+SEE_OUTPUT = "its output is in the proxy's log and, for admin keys, in /status"
 _PR_SET_PDEATHSIG = 1
 
 ExitCallback = Callable[["BackendProcess", int], None]
@@ -35,13 +42,21 @@ ExitCallback = Callable[["BackendProcess", int], None]
 class BackendProcess:
     """One running backend child: its output, readiness and shutdown."""
 
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], plan: LaunchPlan, log_path: Path) -> None:
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], plan: LaunchPlan, log_path: Path,
+                 log_rotate_bytes: int = LOG_ROTATE_BYTES) -> None:
         self.name = name
         self.plan = plan
         self.log_path = log_path
         self._popen = popen
+        # The child is not reaped yet, so its PID (= its session and group id) names it alone.
+        self._start_ticks = process_start_ticks(popen.pid) or 0
+        self._log_rotate_bytes = log_rotate_bytes
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._exited = threading.Event()
+        self._partial = b""  # the line being printed: at most LINE_BYTES once the drainer is done with it
+        self._output_done = threading.Event()  # the drainer has read the last byte
+        self._stopping = threading.Event()     # stop() was called: it, not the watcher, ends the session
+        self._stopped = threading.Event()
+        self._stop_grace_s = 0.0
         self._output_log = logging.getLogger(f"proxy.backend.{name}")
 
     @property
@@ -68,32 +83,32 @@ class BackendProcess:
         return self._popen.poll() is None
 
     def tail(self, lines: int = 20) -> str:
-        """Return the last lines the child printed."""
-        return "\n".join(list(self._tail)[-lines:])
+        """Return the last lines the child printed, the one it is still printing included."""
+        partial = _visible(self._partial)
+        return "\n".join([*self._tail, *([partial] if partial else [])][-lines:])
 
     def wait_ready(self, probe: Probe | None = None, timeout_s: float = 600.0) -> float:
         """Block until the probe says ready; return the seconds it took.
 
-        Raises BackendFailed when the child exits first (with its last output) or the probe finds
-        someone else's server, and BackendTimeout after timeout_s.
+        Raises BackendFailed when the child exits first or the probe finds someone else's server,
+        and BackendTimeout after timeout_s. Their message is a summary for clients; their detail
+        (the log and admins only) has the last output, which may show paths, argv and tracebacks.
         """
         probe = probe or self.plan.probe
         started = time.monotonic()
         deadline = started + timeout_s
         while True:
             if self._popen.poll() is not None:
-                self._exited.wait(1.0)  # let the drainer collect the last lines
+                self._output_done.wait(1.0)  # let the drainer collect the last lines
                 raise BackendFailed(
                     f"{self.name}: the backend exited with {describe_exit(self._popen.returncode)} while starting; "
-                    f"last output:\n{self.tail()}"
-                )
+                    f"{SEE_OUTPUT}", detail=f"last output:\n{self.tail()}")
             if probe():
                 return time.monotonic() - started
             if time.monotonic() >= deadline:
                 raise BackendTimeout(
                     f"{self.name}: the backend was not ready within {timeout_s:g}s (startup_timeout); "
-                    f"last output:\n{self.tail()}"
-                )
+                    f"{SEE_OUTPUT}", detail=f"last output:\n{self.tail()}")
             # Quick polls while a small model may be about to answer, gentler ones for long loads.
             elapsed = time.monotonic() - started
             interval = 0.01 if elapsed < 5 else 0.05 if elapsed < 30 else 0.25
@@ -104,53 +119,129 @@ class BackendProcess:
         return None  # a process shows no load progress; the log has it
 
     def stop(self, grace_s: float, successor: object = None) -> int | None:
-        """Stop the child's whole process group: SIGTERM, grace period, SIGKILL. Blocks until reaped,
-        at most grace_s + 10 s; never raises (callers stop children on their own error paths).
+        """Stop the child's whole session: SIGTERM to every process in it, grace period, SIGKILL.
+        Blocks until the leader is reaped and nothing is left of the session, at most about
+        grace_s + 10 s; never raises (callers stop children on their own error paths).
 
         `successor` (the model that takes the slot) matters only to resident processes.
         """
-        if self._popen.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self._popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("model %s: pid %d ignored SIGTERM for %gs; sending SIGKILL", self.name, self.pid, grace_s)
-                self._signal_group(signal.SIGKILL)
-                try:
-                    self._popen.wait(10)
-                except subprocess.TimeoutExpired:  # stuck in the kernel (D state): nothing more to send
-                    log.error("model %s: pid %d survived SIGKILL for 10s", self.name, self.pid)
-        # The leader is gone; anything it forked into its group goes too.
-        self._signal_group(signal.SIGKILL)
+        self._stop_grace_s = grace_s
+        self._stopping.set()
+        try:
+            if self._popen.poll() is None or self._session():
+                self._signal_session(signal.SIGTERM)
+                if not self._wait_gone(grace_s):
+                    log.warning("model %s: pid %d (or a process it started) ignored SIGTERM for %gs; sending SIGKILL",
+                                self.name, self.pid, grace_s)
+                    self._signal_session(signal.SIGKILL)
+                    if not self._wait_gone(KILL_WAIT_S):  # stuck in the kernel (D state): nothing more to send
+                        log.error("model %s: pid %d, or processes of its session %s, survived SIGKILL for %gs",
+                                  self.name, self.pid, [member.pid for member in self._session()], KILL_WAIT_S)
+        except Exception:
+            log.exception("model %s: error while stopping pid %d", self.name, self.pid)
+        finally:
+            self._stopped.set()
         return self._popen.returncode
 
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self._popen.pid, signum)  # start_new_session: the group id is the child's pid
-        except ProcessLookupError:
-            pass  # already gone: success
-        except PermissionError:
-            pass  # the group id was reused by someone else's session; nothing of ours is left
+    def _session(self) -> list[ProcessStat]:
+        """Return what still runs in the backend's session (a wrapper's children, a server's workers)."""
+        return session_members(self.pid, started_since=self._start_ticks)
 
-    def _drain(self, log_file: Path, on_exit: ExitCallback, registry: ChildRegistry | None) -> None:
-        stream = self._popen.stdout
-        assert stream is not None
+    def _signal_session(self, signum: int) -> None:
+        """Signal the process group, and any other group in the session (start_new_session: the
+        leader's PID is both ids). While a member lives, no other process can hold these ids."""
+        members = self._session()
+        if self._popen.returncode is None or members:
+            try:
+                os.killpg(self._popen.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass  # the group is gone (its leader moved the rest elsewhere): success
+        signal_processes([member for member in members if member.pgid != self.pid], signum)
+
+    def _wait_gone(self, timeout_s: float) -> bool:
+        """Wait until the leader is reaped and its session is empty; return whether that happened in time."""
+        deadline = time.monotonic() + timeout_s
         try:
-            with log_file.open("ab") as sink:
-                for raw in iter(stream.readline, b""):
-                    sink.write(raw)
-                    sink.flush()
-                    line = raw.decode("utf-8", "replace").rstrip()
-                    self._tail.append(line)
-                    self._output_log.debug("%s", line)
+            self._popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        while self._session():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _drain(self) -> None:
+        """Copy the child's output to its log (rotated when it grows too big) and to the tail, as it comes.
+
+        Reads whatever has arrived, at most LINE_BYTES at a time, so output without newlines (a
+        \r progress bar) is neither held back nor held in memory without bound.
+        """
+        stream = self._popen.stdout
+        assert isinstance(stream, io.BufferedIOBase)  # Popen's default buffering: it has read1
+        sink = None
+        try:
+            sink = self.log_path.open("ab")
+            written = sink.tell()
+            for chunk in iter(lambda: stream.read1(LINE_BYTES), b""):
+                if written + len(chunk) > self._log_rotate_bytes and written > 0:
+                    sink.close()
+                    self.log_path.replace(self.log_path.with_suffix(".log.1"))
+                    sink = self.log_path.open("ab")
+                    written = 0
+                sink.write(chunk)
+                sink.flush()
+                written += len(chunk)
+                self._remember(chunk)
         except Exception:
             log.exception("model %s: error while reading backend output", self.name)
         finally:
             stream.close()
+            if sink is not None:
+                sink.close()
+            if self._partial:
+                self._commit(self._partial)
+                self._partial = b""
+            self._output_done.set()
+
+    def _remember(self, chunk: bytes) -> None:
+        """Add output to the tail line by line; a line longer than LINE_BYTES is cut in pieces."""
+        *complete, partial = (self._partial + chunk).split(b"\n")
+        for raw in complete:
+            self._commit(raw)
+        while len(partial) > LINE_BYTES:
+            restart = partial.rfind(b"\r", 0, len(partial) - 1)
+            if restart >= 0:  # a terminal would have drawn over everything before the last \r
+                partial = partial[restart + 1:]
+            else:
+                self._commit(partial[:LINE_BYTES])
+                partial = partial[LINE_BYTES:]
+        self._partial = partial
+
+    def _commit(self, raw: bytes) -> None:
+        line = _visible(raw)
+        self._tail.append(line)
+        self._output_log.debug("%s", line)
+
+    def _watch(self, on_exit: ExitCallback, registry: ChildRegistry | None) -> None:
+        """Wait for the leader's exit; end what it left in its session; then drop it from the registry
+        and report the exit."""
         returncode = self._popen.wait()
-        self._exited.set()
+        if self._stopping.is_set():
+            self._stopped.wait(self._stop_grace_s + 2 * KILL_WAIT_S)  # stop() is ending the session
+        elif self._session():
+            # It exited on its own (a crash, a wrapper whose server forked): nothing it started
+            # has anyone to answer to, and it must not hold a port or a GPU.
+            log.warning("model %s: pid %d exited; killing what it left running in its session", self.name, self.pid)
+            self._signal_session(signal.SIGKILL)
+        gone = self._wait_gone(KILL_WAIT_S)
+        self._output_done.wait(KILL_WAIT_S)  # the members held the pipe: it closes with them
         if registry is not None:
-            registry.remove(self.pid)
+            if gone:
+                registry.remove(self.pid)
+            else:  # kept: the next proxy to start on this state_dir tries again
+                log.error("model %s: processes of session %d are still running after SIGKILL: %s",
+                          self.name, self.pid, [member.pid for member in self._session()])
         try:
             on_exit(self, returncode)
         except Exception:
@@ -158,18 +249,19 @@ class BackendProcess:
 
 
 def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
-          registry: ChildRegistry | None = None) -> BackendProcess:
+          registry: ChildRegistry | None = None, log_rotate_bytes: int = LOG_ROTATE_BYTES) -> BackendProcess:
     """Start a backend child in its own session and return at once; raises BackendFailed."""
     for path, text in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    if log_path.exists() and log_path.stat().st_size > LOG_ROTATE_BYTES:
+    if log_path.exists() and log_path.stat().st_size > log_rotate_bytes:
         log_path.replace(log_path.with_suffix(".log.1"))
     with log_path.open("ab") as sink:
         sink.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(plan.argv)}\n".encode())
-    env = {**os.environ, **plan.env}
+    mark = secrets.token_hex(8)  # inherited by whatever the backend starts, wrappers included
+    env = {**os.environ, **plan.env, SPAWN_MARK: mark}
     try:
         popen = subprocess.Popen(
             plan.argv,
@@ -182,14 +274,20 @@ def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
             preexec_fn=die_with_parent if _prctl is not None else None,
         )
     except OSError as exc:
-        raise BackendFailed(f"{name}: cannot start {plan.argv[0]!r}: {exc.strerror or exc}") from exc
-    process = BackendProcess(name, popen, plan, log_path)
+        raise BackendFailed(f"{name}: cannot start the backend program ({exc.strerror or type(exc).__name__})",
+                            detail=f"program {plan.argv[0]!r}") from exc
+    process = BackendProcess(name, popen, plan, log_path, log_rotate_bytes)
     if registry is not None:
-        registry.add(popen.pid, name)
-    threading.Thread(
-        target=process._drain, args=(log_path, on_exit, registry), name=f"drain-{name}", daemon=True
-    ).start()
+        registry.add(popen.pid, name, mark=mark)
+    threading.Thread(target=process._drain, name=f"drain-{name}", daemon=True).start()
+    threading.Thread(target=process._watch, args=(on_exit, registry), name=f"watch-{name}", daemon=True).start()
     return process
+
+
+def _visible(raw: bytes) -> str:
+    """Return a line of output as a terminal shows it: after its last carriage return."""
+    segments = [segment for segment in raw.decode("utf-8", "replace").rstrip().split("\r") if segment]
+    return segments[-1] if segments else ""
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -269,77 +367,3 @@ def port_is_busy(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-class ChildRegistry:
-    """A file of our children's PIDs (with start times), so a restarted proxy can reap orphans."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-        self._children: dict[int, dict[str, object]] = {}
-
-    def add(self, pid: int, name: str) -> None:
-        with self._lock:
-            self._children[pid] = {"model": name, "start_ticks": process_start_ticks(pid)}
-            self._write()
-
-    def remove(self, pid: int) -> None:
-        with self._lock:
-            if self._children.pop(pid, None) is not None:
-                self._write()
-
-    def _write(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({str(pid): entry for pid, entry in self._children.items()}))
-        temporary.replace(self._path)
-
-    def reap_stale(self, grace_s: float = 5.0) -> list[int]:
-        """Stop the children a previous proxy recorded and that still run; return their PIDs."""
-        try:
-            recorded = json.loads(self._path.read_text())
-        except (OSError, ValueError):
-            recorded = {}
-        reaped = []
-        for pid_text, entry in recorded.items() if isinstance(recorded, dict) else ():
-            ticks = entry.get("start_ticks") if isinstance(entry, dict) else None
-            if not str(pid_text).isdigit() or not isinstance(ticks, int):
-                continue  # not written by us: never signal on a guess
-            pid = int(pid_text)
-            # The same PID with the same start time is the same process, not a reused PID.
-            if process_start_ticks(pid) != ticks:
-                continue
-            log.warning("stopping backend pid %d (model %s) left running by a previous proxy", pid, entry.get("model"))
-            _stop_group(pid, grace_s)
-            reaped.append(pid)
-        with self._lock:
-            self._children.clear()
-            self._write()
-        return reaped
-
-
-def _stop_group(pid: int, grace_s: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and process_start_ticks(pid) is not None:
-        time.sleep(0.05)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Return a process's start time in clock ticks since boot (Linux), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None  # a zombie has exited already
-    return int(fields[19])

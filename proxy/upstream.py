@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,6 +18,8 @@ from proxy.errors import BackendFailed, BackendTimeout
 from proxy.manager import Lease
 from proxy.streaming import ChunkedDecoder
 
+
+log = logging.getLogger(__name__)
 
 READ_SIZE = 16 * 1024  # a burst larger than this leaves in several writes
 
@@ -37,8 +41,8 @@ class Upstream:
         """Send a JSON body to the leased backend; return the response with its body unread."""
         url = lease.base_url + path
         try:
-            return self._http.post(
-                url,
+            return self._post_once_more_after_a_reset(
+                lease, url,
                 data=json.dumps(body, separators=(",", ":")).encode(),
                 headers={"Content-Type": "application/json", **lease.headers, **(headers or {})},
                 stream=True,
@@ -50,6 +54,22 @@ class Upstream:
         except requests.RequestException as exc:
             raise BackendFailed(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: "
                                 f"{_reason(exc)}") from exc
+
+    def _post_once_more_after_a_reset(self, lease: Lease, url: str, **kwargs: Any) -> requests.Response:
+        """POST, and once more if the connection was reset before a byte of the answer arrived.
+
+        A pooled keep-alive connection that the backend closed while idle fails exactly so; the
+        backend never answered, so sending again cannot answer twice. Any other failure, and a
+        second reset, propagate.
+        """
+        try:
+            return self._http.post(url, **kwargs)
+        except requests.ConnectionError as exc:
+            if not _reset_before_answer(exc):
+                raise
+            log.info("model %s: the connection to the backend was reset before any answer (%s); sending once more",
+                     lease.model_name, _reason(exc))
+        return self._http.post(url, **kwargs)
 
     def read(self, lease: Lease, response: requests.Response) -> bytes:
         """Return a whole response body; the connection goes back to the pool.
@@ -129,6 +149,29 @@ def _socket_reader(response: requests.Response) -> Any:
     if getattr(http_response, "chunk_left", None) is not None:
         return None  # http.client started reading chunks already: keep to its path
     return reader
+
+
+def _reset_before_answer(exc: BaseException) -> bool:
+    """Say whether a requests error is a connection reset or closed before any byte of an answer.
+
+    http.client raises RemoteDisconnected when the status line gets no byte at all, and a reset
+    or a broken pipe while sending means the request never arrived; urllib3 and requests wrap
+    them (ProtocolError, then ConnectionError). A refused connection is not one: retrying it is
+    pointless. A reset after the answer began happens later, in read() or iter_body().
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
+            return True
+        pending += [arg for arg in error.args if isinstance(arg, BaseException)]
+        pending += [cause for cause in (error.__cause__, error.__context__, getattr(error, "reason", None))
+                    if isinstance(cause, BaseException)]
+    return False
 
 
 def _reason(exc: Exception) -> str:

@@ -168,12 +168,15 @@ def test_in_stream_backend_error_reaches_the_client(start_proxy: Start) -> None:
     assert proxy.status("flaky")["leases"] == 0
 
 
-def test_backend_exit_during_start_is_a_502_with_its_output(start_proxy: Start) -> None:
+def test_backend_exit_during_start_is_a_502_with_its_output_for_admins(start_proxy: Start) -> None:
     proxy = start_proxy({"dies": fake_profile("--exit-during-startup", "--startup-delay", "0.2")})
     response = proxy.chat("dies")
     assert response.status_code == 502
     message = response.json()["error"]["message"]
-    assert "dies" in message and "code 3" in message and "simulated start failure" in message
+    assert "dies" in message and "code 3" in message and "simulated start failure" not in message
+    admin_view = proxy.get("/status", admin=True).json()["models"][0]
+    assert "simulated start failure" in admin_view["last_output"]
+    assert "simulated start failure" in proxy.log()
 
 
 def test_backend_not_ready_in_time_is_a_504_and_the_child_is_stopped(start_proxy: Start) -> None:

@@ -24,7 +24,8 @@ from tests.conftest import wait_until
 
 from proxy.backends import LaunchPlan, Probe, http_get
 from proxy.errors import BackendFailed, BackendTimeout
-from proxy.supervisor import BackendProcess, ChildRegistry, PortPool, port_is_busy, process_start_ticks, spawn
+from proxy.sessions import ChildRegistry, boot_id, process_start_ticks
+from proxy.supervisor import BackendProcess, PortPool, port_is_busy, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_BACKEND = ROOT / "tests" / "fake_backend.py"
@@ -433,8 +434,8 @@ def test_registry_add_and_remove_keep_the_file_current(tmp_path: Path,
     registry.add(second.pid, "beta")
 
     assert read_registry(path) == {
-        str(first.pid): {"model": "alpha", "start_ticks": process_start_ticks(first.pid)},
-        str(second.pid): {"model": "beta", "start_ticks": process_start_ticks(second.pid)},
+        str(first.pid): {"model": "alpha", "start_ticks": process_start_ticks(first.pid), "boot_id": boot_id()},
+        str(second.pid): {"model": "beta", "start_ticks": process_start_ticks(second.pid), "boot_id": boot_id()},
     }
     registry.remove(first.pid)
     assert list(read_registry(path)) == [str(second.pid)]

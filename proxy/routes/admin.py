@@ -39,15 +39,18 @@ def ping() -> Response:
 def status() -> Response:
     context = ProxyContext.current()
     context.authorize()  # pids, ports and backend errors are not for anonymous callers
+    caller = context.keys.check(request.headers)
+    admin = caller is None or caller.admin  # None: auth is off, and so is every admin check
     return jsonify({
         "version": proxy.__version__,
         "uptime_s": round(time.time() - context.started_at, 3),
         "max_loaded_models": context.config.proxy.max_loaded_models,
-        "models": [status_record(entry) for entry in context.manager.snapshot()],
+        "models": [status_record(entry, admin=admin) for entry in context.manager.snapshot()],
     })
 
 
-def status_record(entry: ModelStatus) -> dict[str, Any]:
+def status_record(entry: ModelStatus, *, admin: bool = False) -> dict[str, Any]:
+    """Return a model's /status entry; the backend's output (paths, argv, tracebacks) only for admins."""
     return {
         "name": entry.name,
         "backend": entry.backend,
@@ -63,6 +66,7 @@ def status_record(entry: ModelStatus) -> dict[str, Any]:
         "requests_served": entry.requests_served,
         "progress": entry.progress,
         "last_error": entry.last_error,
+        "last_output": entry.last_output if admin else None,
     }
 
 
