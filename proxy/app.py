@@ -94,8 +94,12 @@ class AccessLog:
             status.append(status_line.split(" ", 1)[0])
             return start_response(status_line, headers, exc_info)
 
-        body = self._wrapped(environ, record_status)
-        return _Counted(body, lambda sent: access_log.info(
+        try:
+            body = self._wrapped(environ, record_status)
+        except BaseException:
+            release_slot(environ)
+            raise
+        return _Counted(body, lambda: release_slot(environ), lambda sent: access_log.info(
             "%s %s %s model=%s key=%s %.3fs %dB", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
             status[0] if status else "-", environ.get("proxy.model", "-"), environ.get("proxy.key", "-"),
             time.monotonic() - started, sent))
@@ -119,3 +123,12 @@ class _Counted:
                 close()
         finally:
             self._done(self._sent)
+def release_slot(environ: dict[str, Any]) -> None:
+    """Release the request's admission slot (see ProxyContext.authorize), if it took one."""
+    slot = environ.pop("proxy.slot", None)
+    if slot is not None:
+        slot.release()
+
+
+        self._release = release
+        self._release()  # first: when the close below releases a lease, this slot is already free

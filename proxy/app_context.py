@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from flask import current_app, request
 
+from proxy.admission import RESERVED_BLUEPRINTS, Admission
 from proxy.auth import Keys, RateLimiter
 from proxy.config import Config
 from proxy.manager import ModelManager
@@ -21,14 +22,21 @@ class ProxyContext:
         self.keys = keys
         self.started_at = started_at
         self.limiter = RateLimiter()
+        self.admission = Admission(manager.config.proxy.request_slots)  # threads are fixed until a restart
         self.reload: Callable[[], bool] | None = None  # set by proxy.py when live reload runs
 
     def authorize(self, *, admin: bool = False) -> None:
-        """Check the request's key (and its rate limit); remember the key's name for the access log."""
+        """Check the request's key, its rate limit and, outside admin routes, admission (requests in
+        progress, all keys together and this key's); remember the key's name for the access log.
+
+        The admission slot goes into the environ; the access log releases it when the body closes.
+        """
         entry = self.keys.check(request.headers, admin=admin)
         if entry is not None:
             request.environ["proxy.key"] = entry.name
         self.limiter.check(entry)
+        if request.blueprint not in RESERVED_BLUEPRINTS and "proxy.slot" not in request.environ:
+            request.environ["proxy.slot"] = self.admission.admit(entry, self.config.proxy.key_max_concurrent)
 
     @property
     def config(self) -> Config:

@@ -53,6 +53,7 @@ class KeyEntry:
     key: str = field(repr=False)
     admin: bool = False
     rate_limit: RateLimit | None = None
+    max_concurrent: int | None = None  # requests in progress at once; None: proxy.key_max_concurrent
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +146,7 @@ def _named_key(path: Path, index: int, item: object) -> KeyEntry:
     where = f"{path}: keys[{index}]"
     if not isinstance(item, dict):
         raise ConfigError(f"{where}: expected {{name, key, admin, rate_limit}}")
-    unknown = set(item) - {"name", "key", "admin", "rate_limit"}
+    unknown = set(item) - {"name", "key", "admin", "rate_limit", "max_concurrent"}
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     name, key, admin = item.get("name"), item.get("key"), item.get("admin", False)
@@ -155,7 +156,11 @@ def _named_key(path: Path, index: int, item: object) -> KeyEntry:
         raise ConfigError(f"{where}.key: expected a key string of at least 8 characters")
     if not isinstance(admin, bool):
         raise ConfigError(f"{where}.admin: expected true or false, got {admin!r}")
-    return KeyEntry(name, key, admin, parse_rate_limit(item.get("rate_limit"), f"{where}.rate_limit"))
+    max_concurrent = item.get("max_concurrent")
+    if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
+                                       or max_concurrent < 0):
+        raise ConfigError(f"{where}.max_concurrent: expected a whole number >= 0 (0: no limit), got {max_concurrent!r}")
+    return KeyEntry(name, key, admin, parse_rate_limit(item.get("rate_limit"), f"{where}.rate_limit"), max_concurrent)
 
 
 def parse_rate_limit(value: object, where: str) -> RateLimit | None:

@@ -66,11 +66,24 @@ class ProxySettings:
     max_body_mb: float = 64.0      # larger request bodies get 413
     max_answer_mb: float = 256.0   # the most of one backend answer held in memory to translate it; 502 beyond
     max_concurrent: int = 0        # requests per model at once (0: no limit); more wait in the queue
-    max_queue: int = 512           # requests waiting for a model, all models together; more get 503
+    max_queue: int = 28            # requests waiting for a model, all models together; more get 503
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running answers may take to finish
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
     log_bodies: bool = False       # log request bodies at DEBUG (prompts!); off by default
     ollama_version: str = DEFAULT_OLLAMA_VERSION
+    # Admission and the HTTP server's limits (proxy/admission.py, proxy/server.py)
+    reserved_threads: int = 8      # threads kept for /health, /ping, admin routes and rejections
+    key_max_concurrent: int = 16   # requests in progress per key without its own max_concurrent (0: none)
+    client_timeout_s: float = 60.0  # a client that accepts no byte of its answer this long is cut off
+    connection_limit: int = 1000   # open client connections; more wait in the OS's listen backlog
+    channel_timeout_s: float = 30.0  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0   # from a request's first byte until its headers are complete
+    body_timeout_s: float = 60.0     # from the end of the headers until the whole body has arrived
+
+    @property
+    def request_slots(self) -> int:
+        """Return how many requests may be in progress at once, all keys together (the threads not reserved)."""
+        return self.threads - self.reserved_threads
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,8 +329,11 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         "queue_timeout", "connect_timeout", "read_timeout", "backend_ports", "profiles_dir", "api_tokens",
         "state_dir", "disable_auth", "tabby_dir", "tabby_python", "tabby_auth", "ollama_version",
         "max_body_mb", "max_answer_mb", "max_concurrent", "max_queue", "drain_timeout", "cors_origins", "log_bodies",
+        "reserved_threads", "key_max_concurrent", "client_timeout", "connection_limit", "channel_timeout",
+        "header_timeout", "body_timeout",
     })
     defaults = ProxySettings()
+    threads, reserved_threads, max_queue = _admission(node, defaults)
     port = node.get("port", int, defaults.port)
     if not 0 < port < 65536:
         raise node.fail("port", f"expected a TCP port 1-65535, got {port}")
@@ -329,7 +345,7 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
     return ProxySettings(
         host=node.get("host", str, defaults.host),
         port=port,
-        threads=node.positive("threads", defaults.threads, integer=True),
+        threads=threads,
         unload_timer_s=unload_timer,
         max_loaded_models=node.positive("max_loaded_models", defaults.max_loaded_models, integer=True),
         startup_timeout_s=float(node.positive("startup_timeout", defaults.startup_timeout_s)),
@@ -348,12 +364,46 @@ def _proxy_settings(node: _Node, base: Path) -> ProxySettings:
         max_body_mb=float(node.positive("max_body_mb", defaults.max_body_mb)),
         max_answer_mb=float(node.positive("max_answer_mb", defaults.max_answer_mb)),
         max_concurrent=_non_negative(node, "max_concurrent", defaults.max_concurrent),
-        max_queue=node.positive("max_queue", defaults.max_queue, integer=True),
+        max_queue=max_queue,
         drain_timeout_s=float(_non_negative(node, "drain_timeout", defaults.drain_timeout_s)),
         cors_origins=_origins(node),
         log_bodies=node.get("log_bodies", bool, False),
         ollama_version=_semver(node),
+        reserved_threads=reserved_threads,
+        key_max_concurrent=_count(node, "key_max_concurrent", defaults.key_max_concurrent),
+        client_timeout_s=float(node.positive("client_timeout", defaults.client_timeout_s)),
+        connection_limit=node.positive("connection_limit", defaults.connection_limit, integer=True),
+        channel_timeout_s=float(node.positive("channel_timeout", defaults.channel_timeout_s)),
+        header_timeout_s=float(node.positive("header_timeout", defaults.header_timeout_s)),
+        body_timeout_s=float(node.positive("body_timeout", defaults.body_timeout_s)),
     )
+
+
+def _admission(node: _Node, defaults: ProxySettings) -> tuple[int, int, int]:
+    """Return threads, reserved_threads and max_queue, checked against each other.
+
+    Every request in progress holds a thread, a waiting one included: the reserve keeps some for
+    /health and admin routes, and a queue longer than the request slots could never fill.
+    """
+    threads = node.positive("threads", defaults.threads, integer=True)
+    if threads < 2:
+        raise node.fail("threads", f"expected at least 2 (one is kept for /health and admin routes), got {threads}")
+    reserved = node.positive("reserved_threads", max(1, min(defaults.reserved_threads, threads // 4)), integer=True)
+    if reserved >= threads:
+        raise node.fail("reserved_threads", f"expected fewer than threads ({threads}), got {reserved}")
+    slots = threads - reserved
+    max_queue = node.positive("max_queue", max(1, slots // 2), integer=True)
+    if max_queue > slots:
+        raise node.fail("max_queue", f"{max_queue} can never be reached: each waiting request holds one of the "
+                                     f"{slots} request slots (threads - reserved_threads); set at most {slots}")
+    return threads, reserved, max_queue
+
+
+def _count(node: _Node, key: str, default: int) -> int:
+    value: int = node.get(key, int, default)
+    if value < 0:
+        raise node.fail(key, f"expected a whole number >= 0 (0: no limit), got {value!r}")
+    return value
 
 
 def _non_negative(node: _Node, key: str, default: float) -> Any:

@@ -92,6 +92,14 @@ class RateLimited(RetryLater):
     kind = "rate_limit_error"
 
 
+class ServerBusy(RetryLater):
+    """Every request slot is taken: the proxy answers at once instead of queueing in the server."""
+
+    status = 503
+    code = "server_busy"
+    kind = "server_error"
+
+
 class UpstreamError(ProxyError):
     """A backend answered with an error status; Ollama routes pass it on in their own shape."""
 

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 POLL_S = 2.0
 RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir", "cors_origins", "max_body_mb", "log_bodies",
-                "connect_timeout_s", "read_timeout_s")
+                "connect_timeout_s", "read_timeout_s", "reserved_threads", "client_timeout_s", "connection_limit",
+                "channel_timeout_s", "header_timeout_s", "body_timeout_s")  # the last six: the server's, built once
 
 
 class Reloader:

@@ -1,0 +1,86 @@
+"""Admission: how many requests may be in progress at once, all keys together and per key.
+
+Every request in progress holds one of waitress's threads, a waiting one included. The global
+limit stays below `threads`, so a reserve of threads always serves /health, /ping, admin routes
+and rejections; beyond either limit a request is refused at once (503 or 429, with Retry-After)
+instead of waiting, unanswered, in the server's queue. Keys are known here by their name only.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from proxy.auth import KeyEntry
+from proxy.errors import RateLimited, ServerBusy
+
+RETRY_AFTER_S = 2
+# Routes that are never counted: the reserve serves them (/health and /ping are there too).
+RESERVED_BLUEPRINTS = frozenset({"admin"})
+
+
+class Slot:
+    """One admitted request; release() is idempotent (the access log releases it when the body closes)."""
+
+    __slots__ = ("_admission", "_key", "_released")
+
+    def __init__(self, admission: Admission, key: str | None) -> None:
+        self._admission = admission
+        self._key = key
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission._release(self._key)
+
+
+class Admission:
+    """Counters of requests in progress; thread-safe, and nothing here ever waits."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._in_progress = 0                 # guarded by _lock
+        self._per_key: dict[str, int] = {}    # guarded by _lock: key name -> requests in progress
+
+    def admit(self, entry: KeyEntry | None, default_key_limit: int) -> Slot:
+        """Count one more request in progress and return its slot.
+
+        Raises RateLimited (429) when the key already has its limit in progress (its own
+        max_concurrent, else default_key_limit; 0: none) and ServerBusy (503) when every slot is
+        taken. entry is None when auth is off: only the global limit applies.
+        """
+        key = entry.name if entry is not None else None
+        limit = 0
+        if entry is not None:
+            limit = default_key_limit if entry.max_concurrent is None else entry.max_concurrent
+        with self._lock:
+            held = self._per_key.get(key, 0) if key is not None else 0
+            if limit and held >= limit:
+                source = ("proxy.key_max_concurrent" if entry is None or entry.max_concurrent is None
+                          else "its max_concurrent in api_tokens.yml")
+                raise RateLimited(f"key {key!r} already has {held} request(s) in progress, its limit ({source}); "
+                                  f"retry when one ends", retry_after_s=RETRY_AFTER_S)
+            if self._in_progress >= self.slots:
+                raise ServerBusy(f"the proxy already has {self._in_progress} requests in progress, its limit "
+                                 f"(proxy.threads - proxy.reserved_threads); retry in {RETRY_AFTER_S}s",
+                                 retry_after_s=RETRY_AFTER_S)
+            self._in_progress += 1
+            if key is not None:
+                self._per_key[key] = held + 1
+        return Slot(self, key)
+
+    def in_progress(self) -> int:
+        """Return the requests in progress now (a snapshot)."""
+        with self._lock:
+            return self._in_progress
+
+    def _release(self, key: str | None) -> None:
+        with self._lock:
+            self._in_progress -= 1
+            if key is not None:
+                left = self._per_key.get(key, 1) - 1
+                if left > 0:
+                    self._per_key[key] = left
+                else:
+                    self._per_key.pop(key, None)
