@@ -105,9 +105,17 @@ class AccessLog:
             time.monotonic() - started, sent))
 
 
+def release_slot(environ: dict[str, Any]) -> None:
+    """Release the request's admission slot (see ProxyContext.authorize), if it took one."""
+    slot = environ.pop("proxy.slot", None)
+    if slot is not None:
+        slot.release()
+
+
 class _Counted:
-    def __init__(self, body: Iterable[bytes], done: Callable[[int], None]) -> None:
+    def __init__(self, body: Iterable[bytes], release: Callable[[], None], done: Callable[[int], None]) -> None:
         self._body = body
+        self._release = release
         self._done = done
         self._sent = 0
 
@@ -117,18 +125,10 @@ class _Counted:
             yield chunk
 
     def close(self) -> None:
+        self._release()  # first: when the close below releases a lease, this slot is already free
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
                 close()
         finally:
             self._done(self._sent)
-def release_slot(environ: dict[str, Any]) -> None:
-    """Release the request's admission slot (see ProxyContext.authorize), if it took one."""
-    slot = environ.pop("proxy.slot", None)
-    if slot is not None:
-        slot.release()
-
-
-        self._release = release
-        self._release()  # first: when the close below releases a lease, this slot is already free
