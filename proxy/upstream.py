@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -12,9 +13,9 @@ from typing import Any
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 
-from proxy.errors import BackendFailed, BackendTimeout
+from proxy.disconnects import Cancelled, WatchedAdapter, Watcher, gone
+from proxy.errors import BackendFailed, BackendTimeout, ClientGone
 from proxy.manager import Lease
 from proxy.streaming import ChunkedDecoder
 
@@ -33,8 +34,13 @@ class Upstream:
         self.max_answer_bytes = max_answer_bytes  # the most of one answer read() holds (proxy.max_answer_mb)
         self._http = requests.Session()
         self._http.trust_env = False  # backends are on loopback: never through an HTTP(S)_PROXY
-        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
+        adapter = WatchedAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
         self._http.mount("http://", adapter)
+        self._watcher = Watcher()
+
+    def watching(self, cancelled: Cancelled | None) -> contextlib.AbstractContextManager[None]:
+        """Inside the block, a client that leaves cuts the calling thread's backend request (ClientGone)."""
+        return self._watcher.watching(cancelled)
 
     def post(self, lease: Lease, path: str, body: Mapping[str, Any],
              headers: Mapping[str, str] | None = None) -> requests.Response:
@@ -52,6 +58,8 @@ class Upstream:
             raise BackendTimeout(f"{lease.model_name}: no response within {self._timeouts[1]:g}s "
                                  "(proxy.read_timeout)") from exc
         except requests.RequestException as exc:
+            if gone():
+                raise _client_gone(lease) from exc
             raise BackendFailed(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: "
                                 f"{_reason(exc)}") from exc
 
@@ -65,7 +73,7 @@ class Upstream:
         try:
             return self._http.post(url, **kwargs)
         except requests.ConnectionError as exc:
-            if not _reset_before_answer(exc):
+            if not _reset_before_answer(exc) or gone():
                 raise
             log.info("model %s: the connection to the backend was reset before any answer (%s); sending once more",
                      lease.model_name, _reason(exc))
@@ -124,7 +132,9 @@ class Upstream:
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._broken(lease, exc) from exc
 
-    def _broken(self, lease: Lease, exc: Exception) -> BackendFailed | BackendTimeout:
+    def _broken(self, lease: Lease, exc: Exception) -> BackendFailed | BackendTimeout | ClientGone:
+        if gone():
+            return _client_gone(lease)
         if isinstance(exc, TimeoutError | urllib3.exceptions.TimeoutError) or "timed out" in str(exc).lower():
             return BackendTimeout(f"{lease.model_name}: the backend sent nothing for {self._timeouts[1]:g}s "
                                   "(proxy.read_timeout)")
@@ -149,6 +159,10 @@ def _socket_reader(response: requests.Response) -> Any:
     if getattr(http_response, "chunk_left", None) is not None:
         return None  # http.client started reading chunks already: keep to its path
     return reader
+
+
+def _client_gone(lease: Lease) -> ClientGone:
+    return ClientGone(f"{lease.model_name}: the client closed the connection; the backend request was cut")
 
 
 def _reset_before_answer(exc: BaseException) -> bool:

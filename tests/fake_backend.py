@@ -21,12 +21,15 @@ Opt-in flags for the Ollama routes (each off by default):
   --crlf             SSE events framed with CRLF line ends
   --record           remember every POST (path and body); GET /requests returns them
   --embedding-dims N each embedding has N numbers (large answers: N=2000000 is about 20 MB each)
+  --answer-delay S   a non-stream answer takes S seconds (generating); GET /requests then shows
+                     whether the proxy's connection was gone by the time it was ready ("abandoned")
 """
 
 import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--crlf", action="store_true")
     p.add_argument("--record", action="store_true")
     p.add_argument("--embedding-dims", type=int, default=3)
+    p.add_argument("--answer-delay", type=float, default=0.0)
     return p.parse_args(argv)
 
 
@@ -85,6 +89,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
         self.wfile.flush()
+
+    def abandoned_within(self, seconds):
+        """Wait up to `seconds` as a generating server would; True as soon as the client hung up."""
+        import select
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                return True
+        return False
 
     def read_body(self):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -167,6 +181,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.stream(body, chat, tokens)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # client went away: stop quietly
+            return
+        if ARGS.answer_delay > 0 and self.abandoned_within(ARGS.answer_delay):
+            RECORDED.append({"path": self.path, "abandoned": True})
+            self.close_connection = True
             return
         usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
         if ARGS.tabby_style:

@@ -22,7 +22,7 @@ from proxy.catalog import catalog_for
 from proxy.config import ModelConfig
 from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
 from proxy.manager import Lease
-from proxy.pipeline import MAX_MODEL_NAME, finish, open_upstream, pop_keep_alive, require_embedding
+from proxy.pipeline import MAX_MODEL_NAME, Prepared, finish, open_upstream, pop_keep_alive, require_embedding
 from proxy.streaming import Guarded, close_then_release, ndjson, sse_data
 from proxy.upstream import Upstream
 from proxy.translate import (
@@ -196,6 +196,15 @@ def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"
     openai_body["stream_options"] = {"include_usage": True}  # the done record's counts come from usage
     prepared = finish(model, openai_body, kind, call.keep_alive_s, True)
     request.environ["proxy.model"] = model.name
+    with context.upstream.watching(request.environ.get("waitress.client_disconnected")):
+        return send_generation(call, record_kind, kind, prepared)
+
+
+def send_generation(call: OllamaRequest, record_kind: Literal["chat", "generate"], kind: str,
+                    prepared: Prepared) -> Response:
+    """Open the backend stream and answer with NDJSON records as they come, or with the gathered answer."""
+    context = ProxyContext.current()
+    model = call.model
     lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS[kind],
                                     request.environ.get("waitress.client_disconnected"))
     translator = OllamaStream(model=call.requested, kind=record_kind, think=call.body.get("think"),
@@ -351,16 +360,17 @@ def fetch_embeddings(model: ModelConfig, given: str | list[str], keep_alive_s: f
     context = ProxyContext.current()
     prepared = finish(model, {"input": given}, "embedding", keep_alive_s, False)
     request.environ["proxy.model"] = model.name
-    lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS["embedding"],
-                                    request.environ.get("waitress.client_disconnected"))
-    try:
-        check_upstream_status(lease, upstream)
-        answer = json.loads(context.upstream.read(lease, upstream))
-    except ValueError as exc:
-        raise UpstreamError(502, f"{model.name}: the backend's embeddings are not JSON") from exc
-    finally:
-        upstream.close()
-        lease.release()
+    cancelled = request.environ.get("waitress.client_disconnected")
+    with context.upstream.watching(cancelled):
+        lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS["embedding"], cancelled)
+        try:
+            check_upstream_status(lease, upstream)
+            answer = json.loads(context.upstream.read(lease, upstream))
+        except ValueError as exc:
+            raise UpstreamError(502, f"{model.name}: the backend's embeddings are not JSON") from exc
+        finally:
+            upstream.close()
+            lease.release()
     return answer, lease
 
 

@@ -10,7 +10,8 @@ from flask import Blueprint, Response, jsonify, request
 from proxy.app_context import ProxyContext
 from proxy.config import ModelConfig
 from proxy.errors import ProxyError, render_openai_error, sse_error_event
-from proxy.pipeline import open_upstream, prepare, resolve_model
+from proxy.manager import Cancelled
+from proxy.pipeline import Prepared, open_upstream, prepare, resolve_model
 from proxy.streaming import relay, replacing
 
 bp = Blueprint("openai", __name__)
@@ -75,6 +76,12 @@ def forward(kind: str, path: str) -> Response:
     request.environ["proxy.model"] = prepared.model.name
     # waitress says whether the client is still there (proxy.py sets channel_request_lookahead)
     cancelled = request.environ.get("waitress.client_disconnected")
+    with context.upstream.watching(cancelled):  # a client that leaves while we wait cuts the backend request
+        return answer(context, prepared, path, cancelled)
+
+
+def answer(context: ProxyContext, prepared: Prepared, path: str, cancelled: Cancelled | None) -> Response:
+    """Send the prepared request and answer with the backend's: relayed, passed through or read whole."""
     lease, upstream_response = open_upstream(context.manager, context.upstream, prepared, path, cancelled)
     content_type = upstream_response.headers.get("Content-Type", "application/json")
     if prepared.stream and upstream_response.status_code == 200 and content_type.startswith("text/event-stream"):
