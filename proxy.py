@@ -16,13 +16,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import waitress
-
 from proxy.app import create_app
 from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
 from proxy.config import ConfigError, load_config
 from proxy.manager import ModelManager, ProcessLauncher
 from proxy.reloader import Reloader
+from proxy.server import create_server
 from proxy.sessions import ChildRegistry, StateDirInUse, lock_state_dir
 
 log = logging.getLogger("proxy")
@@ -74,14 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     manager = ModelManager(config, launcher)
     app = create_app(config, manager, keys_loaded)
     reloader = Reloader(app.extensions["proxy"], launcher, overrides=overrides)  # a reload keeps --host/--port
+    context = app.extensions["proxy"]
     try:  # waitress binds here: a port in use is an operator's error, not a traceback
-        server = waitress.create_server(
-            app, host=config.proxy.host, port=config.proxy.port, threads=config.proxy.threads, ident="model-proxy",
-            send_bytes=1,  # every chunk leaves at once: tokens are never held back
-            channel_request_lookahead=1,  # lets waitress notice a client that leaves while its request waits
-            # A backstop above Flask's limit, which answers 413 in each route's own error shape.
-            max_request_body_size=int(config.proxy.max_body_mb * 1024 * 1024) * 2 + 1024 * 1024,
-        )
+        server = create_server(app, config.proxy, lambda: context.keys)  # keys: the ones in force after a reload
     except OSError as exc:
         print(f"error: cannot listen on {config.proxy.host}:{config.proxy.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
