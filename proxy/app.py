@@ -5,19 +5,21 @@ Builds nothing slow and reads no files at import; the manager is passed in or bu
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from proxy.app_context import ProxyContext
 from proxy.auth import Keys, load_keys
 from proxy.config import Config
-from proxy.errors import ProxyError, UpstreamError, render_ollama_error, render_openai_error
+from proxy.errors import BadRequest, ProxyError, UpstreamError, render_ollama_error, render_openai_error
 from proxy.manager import ModelManager, ProcessLauncher
 from proxy.routes import admin, ollama, openai
 from proxy.upstream import Upstream
@@ -27,12 +29,13 @@ body_log = logging.getLogger("proxy.bodies")
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+MAX_JSON_DEPTH = 100  # far beyond any real request (a JSON schema is a few levels); a backend may recurse on it
 
 
 def create_app(config: Config, manager: ModelManager | None = None, keys: Keys | None = None) -> Flask:
     """Return the proxy's Flask app; the caller owns manager.shutdown()."""
     app = Flask("proxy")
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider has it
+    app.json = StrictJSON(app)
     manager = manager or ModelManager(config, ProcessLauncher(config))
     keys = keys or load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
     upstream = Upstream(
@@ -46,6 +49,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     if config.proxy.cors_origins:  # off by default: browsers may call the API only from these origins
         CORS(app, origins=list(config.proxy.cors_origins), allow_headers=["Authorization", "Content-Type",
              "x-api-key"], expose_headers=["Retry-After"], max_age=600)
+    app.before_request(parse_json_body)
     if config.proxy.log_bodies:  # opt-in: bodies hold prompts
         app.before_request(log_body)
     app.register_blueprint(openai.bp)
@@ -73,6 +77,54 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
 
     app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]  # the documented way to wrap
     return app
+
+
+def parse_json_body() -> None:
+    """Parse a request's JSON body once, strictly, before its route reads it (the result is cached).
+
+    Nesting too deep and NaN/Infinity become a 400 in the route's own error shape, whichever
+    dialect reads the body; a body that is not JSON at all is left to the route to report.
+    """
+    if request.content_length and request.method in ("POST", "PUT", "PATCH"):
+        request.get_json(force=True, silent=True)
+
+
+class StrictJSON(DefaultJSONProvider):
+    """Flask's JSON, refusing what is not JSON (NaN, Infinity: RFC 8259) or nests beyond MAX_JSON_DEPTH.
+
+    Python's json accepts both, and a deep body ends in RecursionError somewhere later (a 500).
+    """
+
+    sort_keys = False  # answers keep the backend's (and OpenAI's) field order
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            value = json.loads(s, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise BadRequest(f"the JSON body nests too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+        text = s.encode() if isinstance(s, str) else s
+        if text.count(b"[") + text.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(value, MAX_JSON_DEPTH):
+            raise BadRequest(f"the JSON body nests too deeply (at most {MAX_JSON_DEPTH} levels)")
+        return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not valid JSON (RFC 8259 has no NaN or Infinity); send a number or null")
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Say whether arrays and objects nest deeper than limit; level by level, so nothing recurses."""
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        children: list[Any] = []
+        for item in level:
+            members = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            children.extend(member for member in members if isinstance(member, dict | list))
+        level = children
+    return False
 
 
 def log_body() -> None:
