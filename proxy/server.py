@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import resource
+import select
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -56,6 +57,7 @@ def create_server(app: WSGIApp, settings: ProxySettings, keys: KeysSource) -> An
         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
         outbuf_overflow=OUTBUF_OVERFLOW,
         inbuf_overflow=INBUF_OVERFLOW,
+        asyncore_use_poll=True,  # select() fails on descriptors >= 1024 and the server loop dies with it
     )
     install_hooks(server, settings, keys)
     return server
@@ -131,7 +133,8 @@ def _with_deadlines(listener: Any, maintenance: Callable[[float], None],
 
 def _stalled(channel: Any, now: float, monotonic: float, settings: ProxySettings) -> str | None:
     """Return why a connection must be closed now, or None. `now` is waitress's clock (time.time())."""
-    if channel.total_outbufs_len and now - channel.last_activity > settings.client_timeout_s:
+    if (channel.total_outbufs_len and now - channel.last_activity > settings.client_timeout_s
+            and not _has_room(channel.socket)):  # room means the client reads and this loop is behind
         path = channel.requests[0].path if channel.requests else "-"
         return (f"accepted no byte of its answer to {path} for {settings.client_timeout_s:g}s "
                 "(proxy.client_timeout); its stream is cut and its model's lease released")
@@ -143,6 +146,16 @@ def _stalled(channel: Any, now: float, monotonic: float, settings: ProxySettings
     if partial.headers_at is not None and monotonic - partial.headers_at > settings.body_timeout_s:
         return f"request body still incomplete after {settings.body_timeout_s:g}s (proxy.body_timeout)"
     return None
+
+
+def _has_room(sock: Any) -> bool:
+    """Say whether a socket can take more bytes now (poll, not select: descriptors may pass 1024)."""
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    events = poller.poll(0)
+    return bool(events) and bool(events[0][1] & select.POLLOUT) and not events[0][1] & (select.POLLERR | select.POLLHUP)
 
 
 class _Refusal(WaitressError):  # type: ignore[misc]  # waitress is untyped

@@ -7,6 +7,7 @@ Transfer-Encoding is refused and the connection closed (RFC 9112 section 6.3).
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import threading
 import time
@@ -75,6 +76,27 @@ def test_many_idle_connections_without_a_key_do_not_lock_out_a_keyed_client(star
     finally:
         for sock in idle + trickling:
             sock.close()
+
+
+def test_connections_past_1024_descriptors_do_not_stop_the_server(start_proxy: Start) -> None:
+    # waitress's default select() loop dies on a descriptor >= 1024 (ValueError), and with it the server.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        if hard != resource.RLIM_INFINITY and hard < 1500:
+            pytest.skip(f"needs 1500 open files for the test's own sockets; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1500, hard))
+    proxy = start_proxy({"fake": fake_profile()}, proxy={"connection_limit": 1200})
+    held = [connect(proxy) for _ in range(1100)]
+    try:
+        fresh = requests.Session()
+        fresh.trust_env = False
+        assert fresh.get(proxy.url + "/v1/models", headers=proxy.headers(), timeout=10).status_code == 200
+        fresh.close()
+    finally:
+        for sock in held:
+            sock.close()
+    assert "out of range" not in proxy.log()
+    assert proxy.http.get(proxy.url + "/health", timeout=10).status_code == 200
 
 
 def test_a_request_whose_headers_trickle_in_is_cut_after_header_timeout(start_proxy: Start) -> None:
