@@ -12,6 +12,7 @@ import ctypes
 import io
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -100,9 +101,11 @@ class BackendProcess:
         while True:
             if self._popen.poll() is not None:
                 self._output_done.wait(1.0)  # let the drainer collect the last lines
+                tail = self.tail()
+                reason = reason_from_output(tail)
                 raise BackendFailed(
-                    f"{self.name}: the backend exited with {describe_exit(self._popen.returncode)} while starting; "
-                    f"{SEE_OUTPUT}", detail=f"last output:\n{self.tail()}")
+                    f"{self.name}: the backend exited with {describe_exit(self._popen.returncode)} while starting"
+                    f"{f': {reason}' if reason else ''}; {SEE_OUTPUT}", detail=f"last output:\n{tail}")
             if probe():
                 return time.monotonic() - started
             if time.monotonic() >= deadline:
@@ -288,6 +291,27 @@ def _visible(raw: bytes) -> str:
     """Return a line of output as a terminal shows it: after its last carriage return."""
     segments = [segment for segment in raw.decode("utf-8", "replace").rstrip().split("\r") if segment]
     return segments[-1] if segments else ""
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception)|error|fatal|ERROR|FATAL)\b:?\s*(.+)$")
+_ERROR_WORD = re.compile(r"(?i)\b(?:error|failed|out of memory)\b")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\"/:,;()]+){2,}")
+REASON_MAX = 300
+
+
+def reason_from_output(tail: str) -> str | None:
+    """Return the last error line of a backend's output (a Python exception's message, an `error:`
+    line) with file paths cut to their last part, for clients; None when no line looks like one.
+
+    The whole output (tracebacks, argv, paths) goes to the log and to admins only.
+    """
+    lines = [line.strip() for line in reversed(tail.splitlines())]
+    found = next((line for line in lines if _ERROR_LINE.match(line)), None)
+    found = found or next((line for line in lines if _ERROR_WORD.search(line)), None)
+    if found is None:
+        return None
+    text = _PATH.sub(lambda path: "…/" + path.group(0).rsplit("/", 1)[-1], found)
+    return text if len(text) <= REASON_MAX else text[:REASON_MAX] + "…"
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -25,7 +25,7 @@ from tests.conftest import wait_until
 from proxy.backends import LaunchPlan, Probe, http_get
 from proxy.errors import BackendFailed, BackendTimeout
 from proxy.sessions import ChildRegistry, boot_id, process_start_ticks
-from proxy.supervisor import BackendProcess, PortPool, port_is_busy, spawn
+from proxy.supervisor import BackendProcess, PortPool, port_is_busy, reason_from_output, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_BACKEND = ROOT / "tests" / "fake_backend.py"
@@ -595,3 +595,16 @@ def test_backend_dies_when_the_proxy_is_killed(spawner: Spawner, tmp_path: Path)
     intermediate.wait(5)
 
     wait_until(lambda: is_gone(backend), timeout_s=2, what="the backend to die with its parent")
+
+
+@pytest.mark.parametrize(("tail", "reason"), [
+    ("Traceback (most recent call last):\n  File \"/opt/tabby/common/model.py\", line 68\n"
+     "ValueError: Models quantized with 'exl2' are not supported", "ValueError: Models quantized with 'exl2' are not supported"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n", "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ("ValueError: Failed to load config.json from /srv/models/not-there", "ValueError: Failed to load config.json from …/not-there"),
+    ("llama_model_load: error loading model: failed to open /models/x.gguf\nexiting", "llama_model_load: error loading model: failed to open …/x.gguf"),
+    ("starting\nlistening", None),
+    ("", None),
+])
+def test_clients_get_the_backends_last_error_line_without_paths(tail: str, reason: str | None) -> None:
+    assert reason_from_output(tail) == reason
