@@ -14,6 +14,7 @@ from proxy.auth import KeyEntry
 from proxy.errors import RateLimited, ServerBusy
 
 RETRY_AFTER_S = 2
+BODIES_IN_BUDGET = 2  # request bodies in progress may take this many times proxy.max_body_mb together
 # Routes that are never counted: the reserve serves them (/health and /ping are there too).
 RESERVED_BLUEPRINTS = frozenset({"admin"})
 
@@ -84,3 +85,52 @@ class Admission:
                     self._per_key[key] = left
                 else:
                     self._per_key.pop(key, None)
+
+
+class BodyBudget:
+    """The memory all request bodies in progress may take together, counted by their Content-Length.
+
+    One body may be up to max_body_mb; a budget of BODIES_IN_BUDGET of them keeps a few clients
+    that each send the largest bodies from taking the proxy's memory together (four 60 MB bodies
+    once took 1 GB). Beyond it a request is refused at once, before its body is read.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
+        self._held = 0  # guarded by _lock
+
+    def hold(self, size: int) -> Held:
+        """Count a body of `size` bytes as in progress until the returned hold is released."""
+        with self._lock:
+            if self._held and self._held + size > self.limit_bytes:
+                raise ServerBusy(f"request bodies in progress already take {self._held / 1048576:.0f} MiB, the most "
+                                 f"the proxy holds at once ({BODIES_IN_BUDGET} x proxy.max_body_mb); retry in "
+                                 f"{RETRY_AFTER_S}s", retry_after_s=RETRY_AFTER_S)
+            self._held += size
+        return Held(self, size)
+
+    def held(self) -> int:
+        """Return the bytes held now (a snapshot)."""
+        with self._lock:
+            return self._held
+
+    def _release(self, size: int) -> None:
+        with self._lock:
+            self._held -= size
+
+
+class Held:
+    """One body counted in the budget; release() is idempotent."""
+
+    __slots__ = ("_budget", "_size", "_released")
+
+    def __init__(self, budget: BodyBudget, size: int) -> None:
+        self._budget = budget
+        self._size = size
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._budget._release(self._size)

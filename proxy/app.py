@@ -86,6 +86,8 @@ def parse_json_body() -> None:
     dialect reads the body; a body that is not JSON at all is left to the route to report.
     """
     if request.content_length and request.method in ("POST", "PUT", "PATCH"):
+        # Counted before it is read; the access log releases it when the answer ends.
+        request.environ["proxy.body"] = ProxyContext.current().bodies.hold(request.content_length)
         request.get_json(force=True, silent=True)
 
 
@@ -158,10 +160,11 @@ class AccessLog:
 
 
 def release_slot(environ: dict[str, Any]) -> None:
-    """Release the request's admission slot (see ProxyContext.authorize), if it took one."""
-    slot = environ.pop("proxy.slot", None)
-    if slot is not None:
-        slot.release()
+    """Release the request's admission slot (see ProxyContext.authorize) and its body's share of the
+    body budget (parse_json_body), if it took them."""
+    for held in (environ.pop("proxy.slot", None), environ.pop("proxy.body", None)):
+        if held is not None:
+            held.release()
 
 
 class _Counted:

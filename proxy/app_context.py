@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from flask import current_app, request
 
-from proxy.admission import RESERVED_BLUEPRINTS, Admission
+from proxy.admission import BODIES_IN_BUDGET, RESERVED_BLUEPRINTS, Admission, BodyBudget
 from proxy.auth import Keys, RateLimiter
 from proxy.config import Config
 from proxy.manager import ModelManager
@@ -23,6 +23,7 @@ class ProxyContext:
         self.started_at = started_at
         self.limiter = RateLimiter()
         self.admission = Admission(manager.config.proxy.request_slots)  # threads are fixed until a restart
+        self.bodies = BodyBudget(int(BODIES_IN_BUDGET * manager.config.proxy.max_body_mb * 1024 * 1024))
         self.reload: Callable[[], bool] | None = None  # set by proxy.py when live reload runs
 
     def authorize(self, *, admin: bool = False) -> None:

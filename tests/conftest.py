@@ -271,14 +271,16 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     assert not leftovers, f"backend processes outlived the proxy: {leftovers}"
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Print the fault suite's figures (requests, disconnects, orphans, leaked leases) after the run."""
-    import json
-    import sys as _sys
+FIGURES: dict[str, Any] = {}
+"""Figures the fault and hardening tests measured (orphans, leaked leases, /health p99, peak RSS, ...),
+printed at the end of the run."""
 
-    faults = _sys.modules.get("tests.test_faults")
-    figures = getattr(faults, "FIGURES", None)
-    if figures:
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault suite's figures (requests, disconnects, orphans, leaked leases, ...) after the run."""
+    import json
+
+    if FIGURES:
         terminalreporter.write_sep("=", "fault suite figures")
-        for key, value in sorted(figures.items()):
+        for key, value in sorted(FIGURES.items()):
             terminalreporter.write_line(f"{key}: {json.dumps(value)}")

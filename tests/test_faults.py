@@ -19,10 +19,9 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import ProxyProcess, fake_profile, wait_until
+from tests.conftest import FIGURES, ProxyProcess, fake_profile, wait_until
 
 Start = Callable[..., ProxyProcess]
-FIGURES: dict[str, Any] = {}  # printed at the end of the run by conftest's pytest_terminal_summary
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "SIGINT"])

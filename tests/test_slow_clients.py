@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from tests.conftest import ProxyProcess, fake_profile
+from tests.conftest import FIGURES, ProxyProcess, fake_profile
 
 Start = Callable[..., ProxyProcess]
 
@@ -42,7 +42,7 @@ def test_a_client_that_reads_nothing_is_cut_after_client_timeout_and_its_model_c
                        what="the stalled stream to be cut and its lease released")
         waited = time.monotonic() - started
         assert "proxy.client_timeout" in proxy.log()  # the log says why
-        print(f"stalled reader cut {waited:.1f}s after its stream began (client_timeout 2s)")
+        FIGURES["slow_reader_cut_after_s (client_timeout 2)"] = round(waited, 1)
         assert waited >= 1.0  # not before the client had client_timeout to read
         unload_started = time.monotonic()
         unloaded = proxy.get("/unload?model=fake", admin=True, timeout=30)  # waits for leases; none is left
