@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="the key may use admin routes (/unload, /reload)")
     add.add_argument("--rate-limit", help='requests per time, like "60/min"')
+    add.add_argument("--max-concurrent", type=int, help="requests in progress at once (default: proxy.key_max_concurrent)")
     actions.add_parser("list", help="list key names (never the keys)")
     actions.add_parser("remove", help="remove a named key").add_argument("name")
     actions.add_parser("rotate", help="give a key a new value and print it once").add_argument("name")
@@ -130,11 +131,12 @@ def stop_accepting(server: Any) -> None:
 def manage_keys(args: argparse.Namespace, path: Path) -> int:
     """`keys add|list|remove|rotate`: edit api_tokens.yml; a running proxy picks the change up."""
     if args.action == "add":
-        print(add_key(path, args.name, admin=args.admin, rate_limit=args.rate_limit))
+        print(add_key(path, args.name, admin=args.admin, rate_limit=args.rate_limit, max_concurrent=args.max_concurrent))
         print(f"added key {args.name!r} to {path}; it is shown only now", file=sys.stderr)
     elif args.action == "list":
         for entry in list_keys(path):
             limit = f"  rate limit {entry.rate_limit}" if entry.rate_limit else ""
+            limit += f"  at most {entry.max_concurrent} at once" if entry.max_concurrent is not None else ""
             print(f"{entry.name:<24} {'admin' if entry.admin else 'api':<6}{limit}")
     elif args.action == "remove":
         remove_key(path, args.name)

@@ -229,11 +229,14 @@ def _one_edit_at_a_time(edit: Callable[Concatenate[Path, P], R]) -> Callable[Con
 
 
 @_one_edit_at_a_time
-def add_key(path: Path, name: str, *, admin: bool = False, rate_limit: str | None = None) -> str:
+def add_key(path: Path, name: str, *, admin: bool = False, rate_limit: str | None = None,
+            max_concurrent: int | None = None) -> str:
     """Add a named key to the file and return it (the only time it is shown)."""
     if not KEY_NAME.fullmatch(name):
         raise ConfigError(f"key name {name!r}: expected letters, digits, '.', '_', '@' or '-'")
     parse_rate_limit(rate_limit, "--rate-limit")
+    if max_concurrent is not None and max_concurrent < 0:
+        raise ConfigError(f"--max-concurrent: expected a whole number >= 0 (0: no limit), got {max_concurrent}")
     raw = _read(path) if path.exists() else {}
     if name in {entry.name for entry in keys_from(path, raw).entries} if raw else False:
         raise ConfigError(f"{path}: a key named {name!r} exists; use rotate to replace it")
@@ -243,6 +246,8 @@ def add_key(path: Path, name: str, *, admin: bool = False, rate_limit: str | Non
         item["admin"] = True
     if rate_limit:
         item["rate_limit"] = rate_limit
+    if max_concurrent is not None:
+        item["max_concurrent"] = max_concurrent
     raw["keys"] = [*(raw.get("keys") or []), item]
     if "admin_key" not in raw and not admin and not any(k.get("admin") for k in raw["keys"]):
         raw["admin_key"] = secrets.token_hex(16)

@@ -4,6 +4,8 @@ in front of real fake-backend streams; plus the counters and the config rules on
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +19,7 @@ from proxy.admission import Admission
 from proxy.auth import KeyEntry
 from proxy.config import ConfigError, load_config
 from proxy.errors import RateLimited, ServerBusy
-from tests.conftest import FIGURES, ProxyProcess, fake_profile
+from tests.conftest import FIGURES, ROOT, ProxyProcess, fake_profile
 
 Start = Callable[..., ProxyProcess]
 LONG_STREAM = ("--tokens", "2000", "--token-delay", "0.05")  # 100 s: held until the test closes it
@@ -233,3 +235,22 @@ def test_a_named_keys_max_concurrent_is_checked(tmp_path: Path) -> None:
     tokens.write_text(yaml.safe_dump({"admin_key": "a" * 16, "keys": [{"name": "x", "key": "x" * 16,
                                                                        "max_concurrent": 3}]}))
     assert next(entry for entry in load_keys(tokens).entries if entry.name == "x").max_concurrent == 3
+
+
+def test_the_keys_cli_sets_a_keys_max_concurrent(start_proxy: Start) -> None:
+    proxy = start_proxy({"fake": fake_profile(*LONG_STREAM)})
+    added = subprocess.run([sys.executable, str(ROOT / "proxy.py"), "--config", str(proxy.config_path), "keys", "add",
+                            "bob", "--max-concurrent", "1"], capture_output=True, text=True, timeout=30)
+    assert added.returncode == 0, added.stderr
+    bob = {"Authorization": f"Bearer {added.stdout.strip()}"}
+    listing = subprocess.run([sys.executable, str(ROOT / "proxy.py"), "--config", str(proxy.config_path), "keys",
+                              "list"], capture_output=True, text=True, timeout=30).stdout
+    assert "at most 1 at once" in listing
+    proxy.wait_for(lambda: proxy.http.get(proxy.url + "/v1/models", headers=bob).status_code == 200,
+                   timeout_s=8, what="the running proxy to pick up bob's key")
+    streams = Streams(proxy, bob)
+    try:
+        streams.open(2)
+        assert sorted(streams.statuses) == [200, 429]
+    finally:
+        streams.close()
