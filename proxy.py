@@ -19,7 +19,8 @@ from typing import Any
 from proxy.app import create_app
 from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
 from proxy.config import ConfigError, load_config
-from proxy.manager import ModelManager, ProcessLauncher
+from proxy.launcher import ProcessLauncher
+from proxy.manager import ModelManager
 from proxy.reloader import Reloader
 from proxy.server import create_server
 from proxy.sessions import ChildRegistry, StateDirInUse, lock_state_dir

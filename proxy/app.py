@@ -20,7 +20,8 @@ from proxy.app_context import ProxyContext
 from proxy.auth import Keys, load_keys
 from proxy.config import Config
 from proxy.errors import BadRequest, ProxyError, UpstreamError, render_ollama_error, render_openai_error
-from proxy.manager import ModelManager, ProcessLauncher
+from proxy.launcher import ProcessLauncher
+from proxy.manager import ModelManager
 from proxy.routes import admin, ollama, openai
 from proxy.upstream import Upstream
 

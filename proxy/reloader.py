@@ -14,7 +14,7 @@ from typing import Any
 from proxy.app_context import ProxyContext
 from proxy.auth import load_keys
 from proxy.config import Config, ConfigError, load_config
-from proxy.manager import ProcessLauncher
+from proxy.launcher import ProcessLauncher
 
 log = logging.getLogger(__name__)
 
