@@ -1,23 +1,27 @@
 """ModelManager: every model's state, the leases requests hold, the FIFO swap queue, idle deadlines.
 
 The only writer of model state. One Condition guards every mutable field; slow work (spawning,
-readiness, stopping) happens outside it, by the thread that claimed the transition.
+readiness, stopping) happens outside it, by the thread that claimed the transition. What to
+start, evict or grant is decided by the pure policy in proxy/scheduling.py.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
+from proxy import scheduling
 from proxy.config import Config, ModelConfig
 from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, UnknownModel
 from proxy.launcher import Backend, Launch
+from proxy.records import ModelRecord, never_if_unrepresentable
+from proxy.records import ModelStatus as ModelStatus  # re-exported: /status's entries are the manager's answer
+from proxy.scheduling import LOADED
+from proxy.scheduling import State as State  # re-exported: the states are part of the manager's contract
 from proxy.supervisor import describe_exit
 
 log = logging.getLogger(__name__)
@@ -25,52 +29,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Cancelled = Callable[[], bool]
 CANCEL_POLL_S = 0.5
-
-
-class State(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-_LOADED = (State.STARTING, State.READY, State.STOPPING)  # states that hold a slot (memory)
 FORCED_STOP_GRACE_S = 1.0  # SIGTERM to SIGKILL for /unload?force=true (at most proxy.stop_grace)
-
-# Ollama's "forever" is 2^63 ns (Go's longest Duration). Longer idle times are "never" too:
-# they cannot be shown as an expiry date (datetime ends in 9999) and would never arrive anyway.
-LONGEST_KEEP_ALIVE_S = 2 ** 63 / 1e9
-
-
-def _never_if_unrepresentable(keep_alive_s: float) -> float:
-    """Return keep_alive_s, or math.inf (never unload) when it is longer than an expiry date can say."""
-    return math.inf if keep_alive_s > LONGEST_KEEP_ALIVE_S else keep_alive_s
-
-
-class _Runtime:
-    """Mutable state of one model. Every field is guarded by ModelManager._cond."""
-
-    def __init__(self, model: ModelConfig, keep_alive_s: float) -> None:
-        self.model = model
-        self.state = State.STOPPED
-        self.process: Backend | None = None
-        self.generation = 0              # bumped by every load and unload; stale work is discarded
-        self.attempt = 0                 # start attempts; waiters of a failed one get its error
-        self.failed_attempt = -1
-        self.leases = 0
-        self.default_keep_alive_s = keep_alive_s
-        self.keep_alive_s = keep_alive_s
-        self.deadline = math.inf         # monotonic; meaningful when READY with no leases
-        self.last_used = 0.0
-        self.last_error: str | None = None   # a summary: what clients may see
-        self.last_output: str | None = None  # the backend's output tail with it: for the log and admins
-        self.failure_type: type[ProxyError] = BackendFailed  # BackendTimeout when the start timed out
-        self.unloads_pending = 0         # admin unloads waiting for the leases to drain
-        self.ready_since: float | None = None
-        self.requests_served = 0
-        self.replacement: ModelConfig | None = None  # a reloaded profile, used from the next start
-        self.removed = False             # its profile is gone: refuse requests, drop once stopped
 
 
 class _Ticket:
@@ -83,28 +42,10 @@ class _Ticket:
         self.attempt_seen: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ModelStatus:
-    name: str
-    state: str
-    pid: int | None
-    port: int | None
-    leases: int
-    queued: int
-    keep_alive_s: float
-    expires_at: datetime | None  # wall clock; None while in use or not loaded
-    ready_since: datetime | None
-    last_error: str | None
-    last_output: str | None  # the output tail behind last_error: for admins only (paths, argv, tracebacks)
-    backend: str
-    requests_served: int
-    progress: str | None = None  # load progress of an in-place (resident) load
-
-
 class Lease:
     """Permission to send requests to a ready model; release() exactly once (extra calls are no-ops)."""
 
-    def __init__(self, manager: ModelManager, runtime: _Runtime, generation: int, process: Backend) -> None:
+    def __init__(self, manager: ModelManager, runtime: ModelRecord, generation: int, process: Backend) -> None:
         self._manager = manager
         self._runtime = runtime
         self._generation = generation
@@ -132,7 +73,7 @@ class ModelManager:
         self._clock = clock
         self._cond = threading.Condition()
         self._models = {  # guarded by _cond
-            name: _Runtime(model, _never_if_unrepresentable(config.idle_timeout_s(model)))
+            name: ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
             for name, model in config.models.items()
         }
         self._queue: list[_Ticket] = []  # guarded by _cond
@@ -187,16 +128,18 @@ class ModelManager:
                 raise ClientGone(f"{ticket.name}: the client closed the connection while waiting")
             runtime = self._runtime(ticket.name)
             state = runtime.state
-            if state is State.READY and not self._is_draining(runtime) and self._has_room(runtime, ticket):
-                return self._grant(runtime, ticket)
             if state is State.STARTING:
                 ticket.attempt_seen = runtime.attempt  # join this start; its failure is ours
             elif state is State.FAILED and ticket.attempt_seen == runtime.failed_attempt:
                 raise runtime.failure_type(runtime.last_error or f"{ticket.name}: failed to start")
-            elif state in (State.STOPPED, State.FAILED) and self._head() is ticket:
-                step = self._claim_slot_for(runtime, ticket)
-                if step is not None:
-                    return step
+            decision = scheduling.decide(self._scheduling_snapshot(), self._queue.index(ticket))
+            if isinstance(decision, scheduling.Grant):
+                return self._grant(runtime, ticket)
+            if isinstance(decision, scheduling.Start):
+                return self._claim_start(runtime, ticket)
+            if isinstance(decision, scheduling.Stop):
+                return self._claim_stop(self._models[decision.victim], reason=f"swap to {runtime.model.name}",
+                                        successor=runtime.model)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelBusy(
@@ -208,33 +151,32 @@ class ModelManager:
                 remaining = min(remaining, CANCEL_POLL_S)  # a disconnect wakes nobody: look again soon
             self._cond.wait(remaining)
 
-    def _has_room(self, runtime: _Runtime, ticket: _Ticket) -> bool:
-        """Say whether the model takes one more request now (proxy.max_concurrent), first come first served."""
-        limit = self._config.proxy.max_concurrent
-        if not limit:
-            return True
-        if runtime.leases >= limit:
-            return False
-        first = next(waiting for waiting in self._queue if waiting.name == ticket.name)
-        return first is ticket
+    def _scheduling_snapshot(self) -> scheduling.Snapshot:
+        """Under the lock: what the policy decides on (models in configuration order, the queue oldest first)."""
+        return scheduling.Snapshot(
+            models={name: runtime.view() for name, runtime in self._models.items()},
+            queue=tuple(ticket.name for ticket in self._queue),
+            max_loaded_models=self._config.proxy.max_loaded_models,
+            max_concurrent=self._config.proxy.max_concurrent,
+        )
 
-    def _runtime(self, name: str) -> _Runtime:
+    def _runtime(self, name: str) -> ModelRecord:
         runtime = self._models.get(name)
         if runtime is None or runtime.removed:
             raise UnknownModel(f"model {name!r} is not configured")
         return runtime
 
-    def _grant(self, runtime: _Runtime, ticket: _Ticket) -> Lease:
+    def _grant(self, runtime: ModelRecord, ticket: _Ticket) -> Lease:
         assert runtime.process is not None
         runtime.leases += 1
         runtime.requests_served += 1
         runtime.last_used = self._clock()
         runtime.deadline = math.inf
         if ticket.keep_alive_s is not None:  # the last request that sent one wins (Ollama)
-            runtime.keep_alive_s = _never_if_unrepresentable(ticket.keep_alive_s)
+            runtime.keep_alive_s = never_if_unrepresentable(ticket.keep_alive_s)
         return Lease(self, runtime, runtime.generation, runtime.process)
 
-    def _release(self, runtime: _Runtime, generation: int) -> None:
+    def _release(self, runtime: ModelRecord, generation: int) -> None:
         with self._cond:
             if generation != runtime.generation:
                 return  # the process this lease was for has gone (crash, force unload)
@@ -245,46 +187,9 @@ class ModelManager:
                 self._reaper_wake.set()
             self._cond.notify_all()  # a queued swap, an unload, or a request waiting for room may proceed
 
-    # ----- scheduling -------------------------------------------------------------------------
+    # ----- claiming transitions (under the lock) ----------------------------------------------
 
-    def _head(self) -> _Ticket | None:
-        """Return the oldest ticket whose model is not ready: the only one that may start a model."""
-        for ticket in self._queue:
-            if self._models[ticket.name].state is not State.READY:
-                return ticket
-        return None
-
-    def _victim(self) -> _Runtime | None:
-        """Return the model the head ticket must evict to get a slot, or None if none is needed yet."""
-        head = self._head()
-        if head is None or self._models[head.name].state not in (State.STOPPED, State.FAILED):
-            return None
-        loaded = [runtime for runtime in self._models.values() if runtime.state in _LOADED]
-        if len(loaded) < self._config.proxy.max_loaded_models:
-            return None
-        if any(runtime.state is not State.READY for runtime in loaded):
-            return None  # a start or stop is under way; decide when it is done
-        # FIFO: requests that arrived before the head are served first, so their models are spared
-        # until they hold their leases (then the victim drains them before it stops).
-        ahead = {ticket.name for ticket in self._queue[: self._queue.index(head)]}
-        candidates = [runtime for runtime in loaded if runtime.model.name not in ahead]
-        # Idle models first, least recently used first; a busy victim drains before it stops.
-        return min(candidates, key=lambda runtime: (runtime.leases > 0, runtime.last_used), default=None)
-
-    def _is_draining(self, runtime: _Runtime) -> bool:
-        """Say whether a ready model takes no new leases (an unload or a swap waits for it)."""
-        return runtime.unloads_pending > 0 or self._victim() is runtime
-
-    def _claim_slot_for(self, runtime: _Runtime, ticket: _Ticket) -> Callable[[], None] | None:
-        loaded = [other for other in self._models.values() if other.state in _LOADED]
-        if len(loaded) < self._config.proxy.max_loaded_models:
-            return self._claim_start(runtime, ticket)
-        victim = self._victim()
-        if victim is not None and victim.leases == 0:
-            return self._claim_stop(victim, reason=f"swap to {runtime.model.name}", successor=runtime.model)
-        return None  # wait: the victim drains, or another transition finishes first
-
-    def _claim_start(self, runtime: _Runtime, ticket: _Ticket) -> Callable[[], None]:
+    def _claim_start(self, runtime: ModelRecord, ticket: _Ticket) -> Callable[[], None]:
         self._adopt_replacement(runtime)
         runtime.generation += 1
         runtime.attempt += 1
@@ -295,7 +200,7 @@ class ModelManager:
         generation = runtime.generation
         return lambda: self._start(runtime, generation)
 
-    def _claim_stop(self, runtime: _Runtime, reason: str, successor: ModelConfig | None = None,
+    def _claim_stop(self, runtime: ModelRecord, reason: str, successor: ModelConfig | None = None,
                     grace_s: float | None = None) -> Callable[[], None]:
         process = runtime.process
         runtime.generation += 1
@@ -305,45 +210,67 @@ class ModelManager:
         grace_s = self._config.proxy.stop_grace_s if grace_s is None else grace_s
         return lambda: self._stop(runtime, process, generation, successor, grace_s)
 
+    def _set_state(self, runtime: ModelRecord, state: State, reason: str = "") -> None:
+        previous = runtime.state
+        runtime.state = state
+        level = logging.ERROR if state is State.FAILED else logging.INFO
+        log.log(level, "model %s: %s -> %s%s", runtime.model.name, previous.value, state.value,
+                f" ({reason})" if reason else "")
+
     # ----- transitions (outside the lock) -------------------------------------------------------
 
-    def _start(self, runtime: _Runtime, generation: int) -> None:
+    def _start(self, runtime: ModelRecord, generation: int) -> None:
         model = runtime.model
         started = time.monotonic()
         process: Backend | None = None
         published = False
         try:
             process = self._launch(model, lambda _process, code: self._on_exit(runtime, generation, code))
-            with self._cond:
-                self._starting_threads -= 1
-                published = True
-                stale = generation != runtime.generation
-                if not stale:
-                    runtime.process = process
-                self._cond.notify_all()
+            stale = self._publish(runtime, generation, process)
+            published = True
             if stale:
                 raise BackendFailed(f"{model.name}: unloaded while starting")
             process.wait_ready(timeout_s=self._config.startup_timeout_s(model))
         except Exception as exc:  # any failure must leave STARTING, or the model is stuck there
-            if not isinstance(exc, ProxyError):
-                log.exception("model %s: unexpected error while starting", model.name)
-            error = exc if isinstance(exc, ProxyError) else BackendFailed(
-                f"{model.name}: cannot start ({type(exc).__name__}); see the proxy's log", detail=str(exc))
-            if process is not None:
-                process.stop(self._config.proxy.stop_grace_s)
-            with self._cond:
-                if not published:
-                    self._starting_threads -= 1
-                if generation == runtime.generation:
-                    runtime.process = None
-                    runtime.last_error = error.message
-                    runtime.last_output = error.detail
-                    runtime.failure_type = type(error)
-                    runtime.failed_attempt = runtime.attempt
-                    self._set_state(runtime, State.FAILED, reason=str(error))  # the log gets the detail
-                    self._adopt_replacement(runtime)
-                self._cond.notify_all()
+            self._fail_start(runtime, model, generation, exc, process, published)
             return
+        if self._become_ready(runtime, generation, started):
+            process.stop(self._config.proxy.stop_grace_s)
+
+    def _publish(self, runtime: ModelRecord, generation: int, process: Backend) -> bool:
+        """Make a spawned process the model's, unless it was unloaded meanwhile; return whether it was (stale)."""
+        with self._cond:
+            self._starting_threads -= 1
+            stale = generation != runtime.generation
+            if not stale:
+                runtime.process = process
+            self._cond.notify_all()
+        return stale
+
+    def _fail_start(self, runtime: ModelRecord, model: ModelConfig, generation: int, exc: Exception,
+                    process: Backend | None, published: bool) -> None:
+        """Stop what a failed start left and fail its waiters. Called while `exc` is being handled."""
+        if not isinstance(exc, ProxyError):
+            log.exception("model %s: unexpected error while starting", model.name)
+        error = exc if isinstance(exc, ProxyError) else BackendFailed(
+            f"{model.name}: cannot start ({type(exc).__name__}); see the proxy's log", detail=str(exc))
+        if process is not None:
+            process.stop(self._config.proxy.stop_grace_s)
+        with self._cond:
+            if not published:
+                self._starting_threads -= 1
+            if generation == runtime.generation:
+                runtime.process = None
+                runtime.last_error = error.message
+                runtime.last_output = error.detail
+                runtime.failure_type = type(error)
+                runtime.failed_attempt = runtime.attempt
+                self._set_state(runtime, State.FAILED, reason=str(error))  # the log gets the detail
+                self._adopt_replacement(runtime)
+            self._cond.notify_all()
+
+    def _become_ready(self, runtime: ModelRecord, generation: int, started: float) -> bool:
+        """Make a model that passed its readiness check READY; return True if it was unloaded meanwhile."""
         with self._cond:
             stale = generation != runtime.generation
             if not stale:
@@ -356,10 +283,9 @@ class ModelManager:
                 self._reaper_wake.set()
                 self._set_state(runtime, State.READY, reason=f"in {time.monotonic() - started:.2f}s")
             self._cond.notify_all()
-        if stale:
-            process.stop(self._config.proxy.stop_grace_s)
+        return stale
 
-    def _stop(self, runtime: _Runtime, process: Backend | None, generation: int,
+    def _stop(self, runtime: ModelRecord, process: Backend | None, generation: int,
               successor: ModelConfig | None, grace_s: float) -> None:
         reason = ""
         try:
@@ -377,7 +303,7 @@ class ModelManager:
                 self._adopt_replacement(runtime)
             self._cond.notify_all()
 
-    def _on_exit(self, runtime: _Runtime, generation: int, returncode: int) -> None:
+    def _on_exit(self, runtime: ModelRecord, generation: int, returncode: int) -> None:
         """Called by the supervisor when a child exits; only acts on an unexpected exit while ready."""
         with self._cond:
             if generation != runtime.generation or runtime.state is not State.READY:
@@ -395,13 +321,6 @@ class ModelManager:
             self._set_state(runtime, State.STOPPED, reason="crashed")
             self._adopt_replacement(runtime)
             self._cond.notify_all()
-
-    def _set_state(self, runtime: _Runtime, state: State, reason: str = "") -> None:
-        previous = runtime.state
-        runtime.state = state
-        level = logging.ERROR if state is State.FAILED else logging.INFO
-        log.log(level, "model %s: %s -> %s%s", runtime.model.name, previous.value, state.value,
-                f" ({reason})" if reason else "")
 
     # ----- unloading ----------------------------------------------------------------------------
 
@@ -464,7 +383,7 @@ class ModelManager:
                 self._cond.notify_all()
         return stopped
 
-    def _unload_one(self, runtime: _Runtime, force: bool, deadline: float, wait_s: float) -> bool:
+    def _unload_one(self, runtime: ModelRecord, force: bool, deadline: float, wait_s: float) -> bool:
         did_stop = False
         while True:
             with self._cond:
@@ -507,7 +426,7 @@ class ModelManager:
                 runtime.removed = model is None  # a profile removed earlier may come back
                 if model is not None:
                     runtime.replacement = model if model != runtime.model else None
-                runtime.default_keep_alive_s = _never_if_unrepresentable(
+                runtime.default_keep_alive_s = never_if_unrepresentable(
                     config.idle_timeout_s(model or runtime.model))
                 if runtime.state in (State.STOPPED, State.FAILED):
                     self._adopt_replacement(runtime)
@@ -515,11 +434,11 @@ class ModelManager:
                     restart.append(name)
             for name, model in config.models.items():
                 if name not in self._models:
-                    self._models[name] = _Runtime(model, _never_if_unrepresentable(config.idle_timeout_s(model)))
+                    self._models[name] = ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
             self._cond.notify_all()  # waiters for removed models answer now
             return restart
 
-    def _adopt_replacement(self, runtime: _Runtime) -> None:
+    def _adopt_replacement(self, runtime: ModelRecord) -> None:
         """Apply a reloaded profile to a model that is not running (under the lock)."""
         if runtime.removed and runtime.state in (State.STOPPED, State.FAILED):
             self._models.pop(runtime.model.name, None)
@@ -563,7 +482,7 @@ class ModelManager:
             self._closed = True
             self._cond.notify_all()
             steps = [self._claim_stop(runtime, reason="shutdown")
-                     for runtime in self._models.values() if runtime.state in _LOADED and runtime.process]
+                     for runtime in self._models.values() if runtime.state in LOADED and runtime.process]
             for runtime in self._models.values():
                 if runtime.state is State.STARTING:  # spawn not yet published: the starter stops it
                     runtime.generation += 1
@@ -583,32 +502,8 @@ class ModelManager:
             queued: dict[str, int] = {}
             for ticket in self._queue:
                 queued[ticket.name] = queued.get(ticket.name, 0) + 1
-            return [self._status(runtime, queued.get(name, 0), now_mono, now_wall)
-                    for name, runtime in self._models.items()]
-
-    def _status(self, runtime: _Runtime, queued: int, now_mono: float, now_wall: datetime) -> ModelStatus:
-        expires_at = None
-        if runtime.state is State.READY and runtime.leases == 0 and not math.isinf(runtime.deadline):
-            expires_at = now_wall + timedelta(seconds=max(0.0, runtime.deadline - now_mono))
-        process = runtime.process
-        return ModelStatus(
-            name=runtime.model.name,
-            state=runtime.state.value,
-            pid=process.pid if process is not None else None,
-            port=process.port if process is not None else None,
-            leases=runtime.leases,
-            queued=queued,
-            keep_alive_s=runtime.keep_alive_s,
-            expires_at=expires_at,
-            ready_since=datetime.fromtimestamp(runtime.ready_since, timezone.utc) if runtime.ready_since else None,
-            last_error=runtime.last_error,
-            last_output=runtime.last_output,
-            backend=runtime.model.backend,
-            requests_served=runtime.requests_served,
-            progress=process.progress if process is not None and runtime.state is State.STARTING else None,
-        )
+            return [runtime.status(queued.get(name, 0), now_mono, now_wall) for name, runtime in self._models.items()]
 
     @property
     def config(self) -> Config:
         return self._config
-

@@ -1,0 +1,93 @@
+"""What the manager records of each model, and the views taken of it: ModelStatus for /status,
+scheduling.ModelView for the policy. Only ModelManager reads or writes a record, under its lock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from proxy.config import ModelConfig
+from proxy.errors import BackendFailed, ProxyError
+from proxy.launcher import Backend
+from proxy.scheduling import ModelView, State
+
+# Ollama's "forever" is 2^63 ns (Go's longest Duration). Longer idle times are "never" too:
+# they cannot be shown as an expiry date (datetime ends in 9999) and would never arrive anyway.
+LONGEST_KEEP_ALIVE_S = 2 ** 63 / 1e9
+
+
+def never_if_unrepresentable(keep_alive_s: float) -> float:
+    """Return keep_alive_s, or math.inf (never unload) when it is longer than an expiry date can say."""
+    return math.inf if keep_alive_s > LONGEST_KEEP_ALIVE_S else keep_alive_s
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    name: str
+    state: str
+    pid: int | None
+    port: int | None
+    leases: int
+    queued: int
+    keep_alive_s: float
+    expires_at: datetime | None  # wall clock; None while in use or not loaded
+    ready_since: datetime | None
+    last_error: str | None
+    last_output: str | None  # the output tail behind last_error: for admins only (paths, argv, tracebacks)
+    backend: str
+    requests_served: int
+    progress: str | None = None  # load progress of an in-place (resident) load
+
+
+class ModelRecord:
+    """Mutable state of one model. Every field is guarded by ModelManager._cond."""
+
+    def __init__(self, model: ModelConfig, keep_alive_s: float) -> None:
+        self.model = model
+        self.state = State.STOPPED       # changed only by ModelManager._set_state
+        self.process: Backend | None = None
+        self.generation = 0              # bumped by every load and unload; stale work is discarded
+        self.attempt = 0                 # start attempts; waiters of a failed one get its error
+        self.failed_attempt = -1
+        self.leases = 0
+        self.default_keep_alive_s = keep_alive_s
+        self.keep_alive_s = keep_alive_s
+        self.deadline = math.inf         # monotonic; meaningful when READY with no leases
+        self.last_used = 0.0
+        self.last_error: str | None = None   # a summary: what clients may see
+        self.last_output: str | None = None  # the backend's output tail with it: for the log and admins
+        self.failure_type: type[ProxyError] = BackendFailed  # BackendTimeout when the start timed out
+        self.unloads_pending = 0         # admin unloads waiting for the leases to drain
+        self.ready_since: float | None = None
+        self.requests_served = 0
+        self.replacement: ModelConfig | None = None  # a reloaded profile, used from the next start
+        self.removed = False             # its profile is gone: refuse requests, drop once stopped
+
+    def view(self) -> ModelView:
+        """Return what the scheduling policy needs of this model."""
+        return ModelView(self.model.name, self.state, self.leases, self.last_used, self.unloads_pending > 0)
+
+    def status(self, queued: int, now_mono: float, now_wall: datetime) -> ModelStatus:
+        """Return this model's /status entry; `queued` requests wait for it."""
+        expires_at = None
+        if self.state is State.READY and self.leases == 0 and not math.isinf(self.deadline):
+            expires_at = now_wall + timedelta(seconds=max(0.0, self.deadline - now_mono))
+        process = self.process
+        return ModelStatus(
+            name=self.model.name,
+            state=self.state.value,
+            pid=process.pid if process is not None else None,
+            port=process.port if process is not None else None,
+            leases=self.leases,
+            queued=queued,
+            keep_alive_s=self.keep_alive_s,
+            expires_at=expires_at,
+            ready_since=datetime.fromtimestamp(self.ready_since, timezone.utc) if self.ready_since else None,
+            last_error=self.last_error,
+            last_output=self.last_output,
+            backend=self.model.backend,
+            requests_served=self.requests_served,
+            progress=process.progress if process is not None and self.state is State.STARTING else None,
+        )

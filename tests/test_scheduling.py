@@ -1,0 +1,159 @@
+"""The scheduling policy, table-driven: pure functions over snapshots, no threads, no sleeps.
+
+Each case names a situation (models and the queue) and what the policy answers in it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.scheduling import (
+    Decision,
+    Evict,
+    Eviction,
+    Fits,
+    Grant,
+    ModelView,
+    NotYet,
+    Snapshot,
+    Start,
+    State,
+    Stop,
+    Wait,
+    decide,
+    eviction_for,
+    head,
+    is_draining,
+    victim,
+)
+
+STOPPED, STARTING, READY, STOPPING, FAILED = (State.STOPPED, State.STARTING, State.READY, State.STOPPING,
+                                              State.FAILED)
+
+
+def m(name: str, state: State = READY, leases: int = 0, last_used: float = 0.0, unloading: bool = False) -> ModelView:
+    return ModelView(name, state, leases=leases, last_used=last_used, unloading=unloading)
+
+
+def snap(*models: ModelView, queue: str = "", max_loaded: int = 1, max_concurrent: int = 0) -> Snapshot:
+    """Models in configuration order; `queue` names the model of each waiting request, oldest first."""
+    return Snapshot({model.name: model for model in models}, tuple(queue), max_loaded, max_concurrent)
+
+
+# ----- who is at the head -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("snapshot, expected", [
+    pytest.param(snap(m("a"), m("b", STOPPED)), None, id="nobody-waits"),
+    pytest.param(snap(m("a"), m("b"), queue="ab", max_loaded=2), None, id="every-wanted-model-is-ready"),
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="aab"), 2, id="the-oldest-ticket-whose-model-is-not-ready"),
+    pytest.param(snap(m("a", STARTING), m("b", STOPPED), queue="ba"), 0, id="arrival-order-not-config-order"),
+    pytest.param(snap(m("a", STARTING), queue="a"), 0, id="a-starting-model-keeps-its-ticket-at-the-head"),
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="gb"), 1, id="a-model-removed-by-a-reload-starts-nothing"),
+])
+def test_head_is_the_oldest_ticket_whose_model_is_not_ready(snapshot: Snapshot, expected: int | None) -> None:
+    assert head(snapshot) == expected
+
+
+# ----- what must be evicted -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("snapshot, expected", [
+    pytest.param(snap(m("a", STOPPED), queue="a"), Fits(), id="a-free-slot"),
+    pytest.param(snap(m("a"), m("b", FAILED), queue="b", max_loaded=2), Fits(), id="a-failed-model-holds-no-slot"),
+    pytest.param(snap(m("a", last_used=2), m("b", last_used=1), m("c", STOPPED), queue="c", max_loaded=2),
+                 Evict("b", busy=False), id="the-least-recently-used-idle-model-goes"),
+    pytest.param(snap(m("a", leases=1, last_used=1), m("b", last_used=2), m("c", STOPPED), queue="c", max_loaded=2),
+                 Evict("b", busy=False), id="idle-before-busy-however-old"),
+    pytest.param(snap(m("a", leases=2, last_used=2), m("b", leases=1, last_used=1), m("c", STOPPED), queue="c",
+                      max_loaded=2),
+                 Evict("b", busy=True), id="every-model-busy-the-lru-one-drains-never-cut"),
+    pytest.param(snap(m("a"), m("b"), m("c", STOPPED), queue="c", max_loaded=2),
+                 Evict("a", busy=False), id="a-tie-goes-to-the-first-in-configuration-order"),
+    pytest.param(snap(m("a", STARTING), m("b", STOPPED), queue="ab"),
+                 NotYet("a start or a stop is under way; decide when it is done"), id="a-starting-model-holds-a-slot"),
+    pytest.param(snap(m("a", STOPPING), m("b", STOPPED), queue="b"),
+                 NotYet("a start or a stop is under way; decide when it is done"), id="a-stopping-model-holds-a-slot"),
+    pytest.param(snap(m("a"), m("b", STOPPING), m("c", STOPPED), queue="c", max_loaded=2),
+                 NotYet("a start or a stop is under way; decide when it is done"),
+                 id="full-with-a-stop-under-way-no-second-victim"),
+    pytest.param(snap(m("a", STOPPING), m("b", STOPPED), queue="b", max_loaded=2), Fits(),
+                 id="a-slot-left-beside-a-stopping-model"),
+    pytest.param(snap(m("a", last_used=1), m("b", last_used=2), m("c", STOPPED), queue="ac", max_loaded=2),
+                 Evict("b", busy=False), id="a-model-a-ticket-ahead-waits-for-is-spared"),
+    pytest.param(snap(m("a"), m("b"), m("c", STOPPED), queue="bac", max_loaded=2),
+                 NotYet("every loaded model is wanted by an earlier request"), id="every-loaded-model-wanted-ahead"),
+    pytest.param(snap(m("a", last_used=1), m("b", last_used=2), m("c", STOPPED), queue="ca", max_loaded=2),
+                 Evict("a", busy=False), id="a-ticket-behind-spares-nothing"),
+    pytest.param(snap(m("a", last_used=2), m("b", last_used=1), m("c", STOPPED), queue="c", max_loaded=1),
+                 Evict("b", busy=False), id="over-a-lowered-limit-one-victim-at-a-time"),
+])
+def test_eviction_for_the_head(snapshot: Snapshot, expected: Eviction) -> None:
+    position = head(snapshot)
+    assert position is not None
+    assert eviction_for(snapshot, position) == expected
+
+
+# ----- what one ticket may do now -----------------------------------------------------------------
+
+@pytest.mark.parametrize("snapshot, position, expected", [
+    pytest.param(snap(m("a"), queue="a"), 0, Grant(), id="ready-takes-a-lease"),
+    pytest.param(snap(m("a", leases=5), queue="a"), 0, Grant(), id="no-limit-on-leases-by-default"),
+    pytest.param(snap(m("a", STOPPED), queue="a"), 0, Start(), id="the-head-starts-its-model"),
+    pytest.param(snap(m("a", FAILED), queue="a"), 0, Start(), id="a-failed-model-is-tried-again"),
+    pytest.param(snap(m("a", STOPPED), m("b", STOPPED), queue="ab", max_loaded=2), 1,
+                 Wait("an earlier request starts or swaps in a model first"), id="only-the-head-starts"),
+    pytest.param(snap(m("a", STARTING), queue="aa"), 1, Wait("the model is starting"), id="waits-for-a-start"),
+    pytest.param(snap(m("a", STOPPING), queue="a"), 0, Wait("the model is stopping"), id="waits-for-a-stop"),
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="b"), 0, Stop("a"), id="the-head-stops-an-idle-victim"),
+    pytest.param(snap(m("a", leases=1), m("b", STOPPED), queue="b"), 0, Wait("a finishes its requests first"),
+                 id="the-head-waits-while-a-busy-victim-drains"),
+    pytest.param(snap(m("a", STOPPING), m("b", STOPPED), queue="b"), 0,
+                 Wait("a start or a stop is under way; decide when it is done"), id="not-yet-while-a-victim-stops"),
+    pytest.param(snap(m("a", leases=1), m("b", STOPPED), queue="ba"), 1,
+                 Wait("the model drains for an unload or a swap"), id="new-requests-queue-behind-a-swap"),
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="ab"), 0, Grant(),
+                 id="requests-queued-before-a-swap-are-served-first"),
+    pytest.param(snap(m("a", unloading=True), queue="a"), 0, Wait("the model drains for an unload or a swap"),
+                 id="an-admin-unload-drains-the-model"),
+    pytest.param(snap(m("a", leases=2), queue="a", max_concurrent=2), 0,
+                 Wait("2 requests are running on the model (proxy.max_concurrent)"), id="max-concurrent-reached"),
+    pytest.param(snap(m("a", leases=1), queue="aa", max_concurrent=2), 0, Grant(), id="room-for-the-first-in-line"),
+    pytest.param(snap(m("a", leases=1), queue="aa", max_concurrent=2), 1,
+                 Wait("an earlier request for the model goes first"), id="room-is-first-come-first-served"),
+    pytest.param(snap(m("a", leases=1), m("b"), queue="ba", max_concurrent=2, max_loaded=2), 1, Grant(),
+                 id="another-models-ticket-is-not-ahead-for-room"),
+])
+def test_decide(snapshot: Snapshot, position: int, expected: Decision) -> None:
+    assert decide(snapshot, position) == expected
+
+
+@pytest.mark.parametrize("snapshot, name, expected", [
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="b"), "a", True, id="the-victim-of-the-head"),
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="b", max_loaded=2), "a", False, id="no-victim-when-it-fits"),
+    pytest.param(snap(m("a"), m("b", STARTING), queue="b", max_loaded=2), "a", False, id="no-victim-for-a-start"),
+    pytest.param(snap(m("a"), m("b", STOPPED), queue="ab"), "a", False, id="spared-for-a-ticket-ahead"),
+    pytest.param(snap(m("a", unloading=True)), "a", True, id="an-admin-unload-waits"),
+    pytest.param(snap(m("a")), "a", False, id="nobody-waits"),
+])
+def test_is_draining(snapshot: Snapshot, name: str, expected: bool) -> None:
+    assert is_draining(snapshot, name) is expected
+
+
+def test_victim_is_none_while_the_head_model_stops() -> None:
+    assert victim(snap(m("a"), m("b", STOPPING), queue="b", max_loaded=2)) is None
+
+
+def test_a_swap_goes_step_by_step_without_waiting() -> None:
+    """The life of one swap as the policy sees it, each step a snapshot: no clock, no thread."""
+    busy = snap(m("a", leases=1, last_used=1), m("b", STOPPED), queue="ba")
+    assert decide(busy, 0) == Wait("a finishes its requests first")  # not yet: a still serves
+    assert decide(busy, 1) == Wait("the model drains for an unload or a swap")  # a late request for a waits
+
+    drained = snap(m("a", last_used=2), m("b", STOPPED), queue="ba")
+    assert decide(drained, 0) == Stop("a")
+    stopping = snap(m("a", STOPPING), m("b", STOPPED), queue="ba")
+    assert decide(stopping, 0) == Wait("a start or a stop is under way; decide when it is done")
+    stopped = snap(m("a", STOPPED), m("b", STOPPED), queue="ba")
+    assert decide(stopped, 0) == Start()
+    assert decide(stopped, 1) == Wait("an earlier request starts or swaps in a model first")
+    ready = snap(m("a", STOPPED), m("b"), queue="ba")
+    assert decide(ready, 0) == Grant()
