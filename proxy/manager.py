@@ -12,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from proxy import scheduling
@@ -20,7 +21,7 @@ from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, Unkno
 from proxy.launcher import Backend, Launch
 from proxy.records import ModelRecord, never_if_unrepresentable
 from proxy.records import ModelStatus as ModelStatus  # re-exported: /status's entries are the manager's answer
-from proxy.scheduling import LOADED
+from proxy.scheduling import LOADED, TRANSITIONS
 from proxy.scheduling import State as State  # re-exported: the states are part of the manager's contract
 from proxy.supervisor import describe_exit
 
@@ -30,6 +31,22 @@ Clock = Callable[[], float]
 Cancelled = Callable[[], bool]
 CANCEL_POLL_S = 0.5
 FORCED_STOP_GRACE_S = 1.0  # SIGTERM to SIGKILL for /unload?force=true (at most proxy.stop_grace)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvent:
+    """A model's state transition, as the manager commits it."""
+
+    model: str
+    previous: State
+    state: State
+    reason: str
+
+
+Listener = Callable[[ModelEvent], None]
+"""Told of every state transition, under the manager's lock and in the order they happen: it must
+return quickly and never call the manager (hand the event to a queue or a counter). An exception
+it raises is logged and dropped."""
 
 
 class _Ticket:
@@ -67,10 +84,12 @@ class Lease:
 
 
 class ModelManager:
-    def __init__(self, config: Config, launch: Launch, clock: Clock = time.monotonic) -> None:
+    def __init__(self, config: Config, launch: Launch, clock: Clock = time.monotonic,
+                 on_event: Listener | None = None) -> None:
         self._config = config
         self._launch = launch
         self._clock = clock
+        self._on_event = on_event
         self._cond = threading.Condition()
         self._models = {  # guarded by _cond
             name: ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
@@ -211,11 +230,20 @@ class ModelManager:
         return lambda: self._stop(runtime, process, generation, successor, grace_s)
 
     def _set_state(self, runtime: ModelRecord, state: State, reason: str = "") -> None:
+        """Commit a transition (under the lock): the one place that logs it and tells the listener."""
         previous = runtime.state
+        if state not in TRANSITIONS[previous]:
+            raise AssertionError(f"model {runtime.model.name}: {previous.value} -> {state.value} is not an "
+                                 "allowed transition (a bug in the manager)")
         runtime.state = state
         level = logging.ERROR if state is State.FAILED else logging.INFO
         log.log(level, "model %s: %s -> %s%s", runtime.model.name, previous.value, state.value,
                 f" ({reason})" if reason else "")
+        if self._on_event is not None:
+            try:
+                self._on_event(ModelEvent(runtime.model.name, previous, state, reason))
+            except Exception:  # an observer must never break the manager
+                log.exception("model %s: the event listener failed", runtime.model.name)
 
     # ----- transitions (outside the lock) -------------------------------------------------------
 

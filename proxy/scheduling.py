@@ -19,6 +19,15 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.READY, State.FAILED, State.STOPPING}),  # stopping: a forced unload, shutdown
+    State.READY: frozenset({State.STOPPING, State.STOPPED}),  # stopped: the backend exited by itself
+    State.STOPPING: frozenset({State.STOPPED, State.STOPPING}),  # stopping: shutdown takes over a stop under way
+    State.FAILED: frozenset({State.STARTING}),
+}
+"""The transitions a model may make; the manager refuses any other as a bug."""
+
 LOADED = frozenset({State.STARTING, State.READY, State.STOPPING})  # states that hold a slot (memory)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config import Config, ModelConfig, load_config
 from proxy.errors import BackendFailed, BackendTimeout, ClientGone, ModelBusy, UnknownModel
-from proxy.manager import FORCED_STOP_GRACE_S, Lease, ModelManager, State
+from proxy.manager import FORCED_STOP_GRACE_S, Lease, ModelEvent, ModelManager, State
 from tests.conftest import fake_profile, wait_until, write_config
 
 
@@ -549,3 +549,45 @@ def test_max_concurrent_admits_the_next_request_as_soon_as_one_ends(tmp_path: Pa
         assert time.monotonic() - released < 0.2  # woken by the release, not by a poll
     finally:
         manager.shutdown()
+
+
+# ----- state events -------------------------------------------------------------------------------
+
+def test_every_transition_reaches_the_listener_in_order(tmp_path: Path, launcher: FakeLauncher,
+                                                       clock: FakeClock) -> None:
+    events: list[ModelEvent] = []
+    manager = ModelManager(make_config(tmp_path), launcher, clock, on_event=events.append)
+    try:
+        manager.acquire("alpha", timeout_s=5).release()
+        manager.acquire("beta", timeout_s=5).release()
+        assert [(event.model, event.previous, event.state) for event in events] == [
+            ("alpha", State.STOPPED, State.STARTING), ("alpha", State.STARTING, State.READY),
+            ("alpha", State.READY, State.STOPPING), ("alpha", State.STOPPING, State.STOPPED),
+            ("beta", State.STOPPED, State.STARTING), ("beta", State.STARTING, State.READY),
+        ]
+        assert events[2].reason == "swap to beta"
+    finally:
+        manager.shutdown()
+
+
+def test_a_failing_listener_never_breaks_the_manager(tmp_path: Path, launcher: FakeLauncher,
+                                                    clock: FakeClock) -> None:
+    def broken(event: ModelEvent) -> None:
+        raise RuntimeError("the listener is broken")
+
+    manager = ModelManager(make_config(tmp_path), launcher, clock, on_event=broken)
+    try:
+        manager.acquire("alpha", timeout_s=5).release()
+        assert state(manager, "alpha") is State.READY
+        assert manager.unload("alpha", timeout_s=5) == ["alpha"]
+        assert state(manager, "alpha") is State.STOPPED
+    finally:
+        manager.shutdown()
+
+
+def test_an_illegal_transition_is_refused_as_a_bug(manager: ModelManager) -> None:
+    record = manager._models["alpha"]  # the test reaches in: no public path makes this transition
+    with pytest.raises(AssertionError, match="stopped -> ready is not an allowed transition"):
+        with manager._cond:
+            manager._set_state(record, State.READY)
+    assert state(manager, "alpha") is State.STOPPED

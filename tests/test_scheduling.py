@@ -5,9 +5,12 @@ Each case names a situation (models and the queue) and what the policy answers i
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from proxy.scheduling import (
+    TRANSITIONS,
     Decision,
     Evict,
     Eviction,
@@ -157,3 +160,20 @@ def test_a_swap_goes_step_by_step_without_waiting() -> None:
     assert decide(stopped, 1) == Wait("an earlier request starts or swaps in a model first")
     ready = snap(m("a", STOPPED), m("b"), queue="ba")
     assert decide(ready, 0) == Grant()
+
+
+# ----- the lifecycle ------------------------------------------------------------------------------
+
+ALLOWED = {
+    (STOPPED, STARTING),
+    (STARTING, READY), (STARTING, FAILED), (STARTING, STOPPING),
+    (READY, STOPPING), (READY, STOPPED),
+    (STOPPING, STOPPED), (STOPPING, STOPPING),
+    (FAILED, STARTING),
+}
+
+
+@pytest.mark.parametrize("previous, state", list(itertools.product(State, State)),
+                         ids=lambda state: state.value)
+def test_transitions_table(previous: State, state: State) -> None:
+    assert (state in TRANSITIONS[previous]) is ((previous, state) in ALLOWED)
