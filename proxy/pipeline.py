@@ -1,5 +1,5 @@
-"""The request pipeline both API dialects share: resolve the model, read keep_alive, apply the
-profile's template, take a lease and open the upstream request.
+"""Preparing a request, whatever its dialect: resolve the model, read keep_alive, apply the
+profile's template, set the backend's id. Pure; the exchange (exchange.py) then sends it.
 """
 
 from __future__ import annotations
@@ -8,14 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import requests
-
 from proxy.config import Config, ModelConfig
 from proxy.durations import parse_keep_alive
 from proxy.errors import BadRequest, UnknownModel
-from proxy.manager import Cancelled, Lease, ModelManager
 from proxy.template import apply_template
-from proxy.upstream import Upstream
 
 MAX_MODEL_NAME = 256
 LENGTH_KEYS = ("max_tokens", "max_completion_tokens", "max_length")  # TabbyAPI's names for the answer's length
@@ -118,14 +114,3 @@ def finish(model: ModelConfig, body: dict[str, Any], kind: str, keep_alive_s: fl
         # aborted"); 0 is its own "fill the context", what it does for a missing max_tokens elsewhere.
         body["max_tokens"] = 0
     return Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=stream)
-
-
-def open_upstream(manager: ModelManager, upstream: Upstream, prepared: Prepared, path: str,
-                  cancelled: Cancelled | None = None) -> tuple[Lease, requests.Response]:
-    """Take a lease on the model and send the request; the caller must release the lease."""
-    lease = manager.acquire(prepared.model.name, prepared.keep_alive_s, cancelled=cancelled)
-    try:
-        return lease, upstream.post(lease, path, prepared.body)
-    except BaseException:
-        lease.release()
-        raise

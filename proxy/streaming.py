@@ -1,4 +1,6 @@
-"""Relaying streams: bytes leave as they arrive, the lease is released however the stream ends.
+"""Relaying streams: bytes leave as they arrive, the lease is released however the stream ends;
+the incremental transforms between a backend's bytes and a client's (SSE parsing, byte replacing,
+HTTP de-chunking, NDJSON framing).
 
 Knows nothing of OpenAI or Ollama field names; the caller says how to frame an in-band error.
 """
@@ -75,63 +77,108 @@ def close_then_release(close: Callable[[], None], lease: Releasable) -> None:
         lease.release()
 
 
+class StreamTransform(Protocol):
+    """One incremental step between a backend's bytes and a client's (as httpx's decoders are):
+    feed() takes whatever arrived and returns what can leave now; flush() returns the rest at the end."""
+
+    def feed(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+def transformed(chunks: Iterable[bytes], transform: StreamTransform) -> Iterator[bytes]:
+    """Yield what the transform lets out for each chunk (nothing when it holds it back), then its rest."""
+    for chunk in chunks:
+        out = transform.feed(chunk)
+        if out:
+            yield out
+    rest = transform.flush()
+    if rest:
+        yield rest
+
+
 REPLACE_HOLD_MAX = 1024 * 1024  # a line longer than this passes unreplaced rather than held whole
 
 
-def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) -> Iterator[bytes]:
-    """Yield chunks with byte strings replaced (e.g. a backend's model id by the public name).
+class Replacer:
+    """Replaces byte strings (e.g. a backend's model id by the public name) in a stream.
 
-    Patterns never span lines, so each chunk is cut after its last newline and the rest waits for
+    Patterns never span lines, so each piece is cut after its last newline and the rest waits for
     the next one: a pattern split between two reads is still found. The pieces of a line are kept
     in a list (linear, however many pieces) and at most REPLACE_HOLD_MAX bytes of one are held.
     """
-    held: list[bytes] = []
-    held_size = 0
-    for chunk in chunks:
-        cut = chunk.rfind(b"\n") + 1
-        if not cut and held_size + len(chunk) <= REPLACE_HOLD_MAX:
-            held.append(chunk)
-            held_size += len(chunk)
-            continue
+
+    def __init__(self, replacements: list[tuple[bytes, bytes]]) -> None:
+        self._replacements = replacements
+        self._held: list[bytes] = []
+        self._held_size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        cut = data.rfind(b"\n") + 1
+        if not cut and self._held_size + len(data) <= REPLACE_HOLD_MAX:
+            self._held.append(data)
+            self._held_size += len(data)
+            return b""
         if not cut:
-            cut = len(chunk)  # an endless line: let it go as it is
-        data = b"".join([*held, chunk[:cut]]) if held else chunk[:cut]
-        held, held_size = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
-        yield _replaced(data, replacements)
-    if held:
-        yield _replaced(b"".join(held), replacements)
+            cut = len(data)  # an endless line: let it go as it is
+        whole = b"".join([*self._held, data[:cut]]) if self._held else data[:cut]
+        self._held, self._held_size = ([data[cut:]], len(data) - cut) if cut < len(data) else ([], 0)
+        return self._replaced(whole)
+
+    def flush(self) -> bytes:
+        rest, self._held, self._held_size = b"".join(self._held), [], 0
+        return self._replaced(rest) if rest else b""
+
+    def _replaced(self, data: bytes) -> bytes:
+        for old, new in self._replacements:
+            data = data.replace(old, new)
+        return data
 
 
-def _replaced(data: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
-    for old, new in replacements:
-        data = data.replace(old, new)
-    return data
+def replacing(chunks: Iterator[bytes], replacements: list[tuple[bytes, bytes]]) -> Iterator[bytes]:
+    """Yield chunks with byte strings replaced (see Replacer)."""
+    return transformed(chunks, Replacer(replacements))
 
 
 _EVENT_END = re.compile(rb"(?:\r\n|\n)(?:\r\n|\n)")  # a blank line, LF or CRLF framing
 
 
-def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:
-    """Yield the data of each server-sent event as it completes (LF or CRLF framing; comments skipped).
+class SSEParser:
+    """Server-sent events, incrementally: feed() returns the data of each event the bytes complete
+    (LF or CRLF framing; comments and other fields skipped); flush() a last, unterminated one.
 
-    Each chunk is searched only where a new event end can be (its own bytes and the 3 before), so
+    Each piece is searched only where a new event end can be (its own bytes and the 3 before), so
     a long event arriving in many pieces costs linear time, not quadratic.
     """
-    buffer = bytearray()
-    for chunk in chunks:
-        search_from = max(0, len(buffer) - 3)  # an event end may straddle two chunks
-        buffer += chunk
-        start = 0
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[str]:
+        buffer = self._buffer
+        search_from = max(0, len(buffer) - 3)  # an event end may straddle two pieces
+        buffer += data
+        start, events = 0, []
         while (end := _EVENT_END.search(buffer, search_from)) is not None:
-            data = _event_data(bytes(buffer[start:end.start()]).replace(b"\r\n", b"\n"))
+            event = _event_data(bytes(buffer[start:end.start()]).replace(b"\r\n", b"\n"))
             start = search_from = end.end()
-            if data is not None:
-                yield data
+            if event is not None:
+                events.append(event)
         if start:
             del buffer[:start]
-    data = _event_data(bytes(buffer).replace(b"\r\n", b"\n").strip(b"\n"))  # a last event the backend did not end
-    if data is not None:
-        yield data
+        return events
+
+    def flush(self) -> list[str]:
+        event = _event_data(bytes(self._buffer).replace(b"\r\n", b"\n").strip(b"\n"))
+        self._buffer = bytearray()
+        return [event] if event is not None else []
+
+
+def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Yield the data of each server-sent event as it completes (see SSEParser)."""
+    parser = SSEParser()
+    for chunk in chunks:
+        yield from parser.feed(chunk)
+    yield from parser.flush()
 
 
 def _event_data(event: bytes) -> str | None:
@@ -192,3 +239,9 @@ class ChunkedDecoder:
                 self._left, self._state = size, "data" if size else "trailer"
         self._buffer = buffer
         return b"".join(out)
+
+    def flush(self) -> bytes:
+        """End the body: everything was returned by feed(); raises ValueError if it was cut short."""
+        if not self.done:
+            raise ValueError("chunked encoding: the body ended before its last chunk")
+        return b""

@@ -173,7 +173,8 @@ def test_backend_exit_during_start_is_a_502_with_its_output_for_admins(start_pro
     response = proxy.chat("dies")
     assert response.status_code == 502
     message = response.json()["error"]["message"]
-    assert "dies" in message and "code 3" in message and "simulated start failure" not in message
+    assert "dies" in message and "code 3" in message and "fatal: simulated start failure" in message  # the reason
+    assert "fake_backend.py" not in message  # never the command line
     admin_view = proxy.get("/status", admin=True).json()["models"][0]
     assert "simulated start failure" in admin_view["last_output"]
     assert "simulated start failure" in proxy.log()

@@ -1,4 +1,4 @@
-"""proxy/translate.py against the Ollama contract (ollama-api.md sections 7-15 and 17), table-driven and by property.
+"""proxy/dialects/ (the Ollama dialect and what it shares) against the Ollama contract (ollama-api.md sections 7-15 and 17), table-driven and by property.
 
 Pure functions, so no processes and no clocks: stream times are passed in as plain integers.
 """
@@ -18,10 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import BadRequest
-from proxy.translate import (
+from proxy.dialects.backend import chunk_from_response, error_message_from_upstream
+from proxy.dialects.ollama import (
     OllamaStream,
-    chunk_from_response,
-    error_message_from_upstream,
     format_fields,
     ollama_embeddings_from_openai,
     ollama_name,

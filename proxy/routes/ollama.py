@@ -1,7 +1,7 @@
-"""Ollama routes (/ and /api/*): HTTP glue around translate.py and the shared request pipeline.
+"""Ollama routes (/ and /api/*): HTTP glue around the Ollama dialect and the exchange.
 
 Streams are NDJSON, one record per token, always ending with a `done` record or an `{"error"}`
-line. The mapping itself lives in translate.py; the catalog in catalog.py.
+line. The mapping itself lives in dialects/ollama.py; the catalog in catalog.py.
 """
 
 from __future__ import annotations
@@ -9,28 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-import requests
 from flask import Blueprint, Response, jsonify, request
 
+from proxy import exchange
 from proxy.app_context import ProxyContext
 from proxy.catalog import catalog_for
 from proxy.config import ModelConfig
-from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
-from proxy.manager import Lease
-from proxy.pipeline import MAX_MODEL_NAME, Prepared, finish, open_upstream, pop_keep_alive, require_embedding
-from proxy.streaming import Guarded, close_then_release, ndjson, sse_data
-from proxy.upstream import Upstream
-from proxy.translate import (
+from proxy.dialects.backend import chunk_from_response
+from proxy.dialects.ollama import (
     NEVER_S,
-    Dialect,
+    OllamaRecords,
     OllamaStream,
-    chunk_from_response,
-    error_message_from_upstream,
     ollama_embeddings_from_openai,
     ollama_name,
     openai_chat_from_ollama,
@@ -38,6 +31,12 @@ from proxy.translate import (
     rfc3339_local,
     rfc3339_ns,
 )
+from proxy.dialects.samplers import sampler_names
+from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
+from proxy.exchange import Opened, json_body
+from proxy.manager import Lease
+from proxy.pipeline import MAX_MODEL_NAME, finish, pop_keep_alive, require_embedding
+from proxy.streaming import ndjson
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +172,7 @@ def chat() -> Response:
     if not call.body.get("messages"):  # empty or absent: Ollama's load/unload shortcut
         return load_shortcut(call.model, call.requested, call.keep_alive_s, "chat")
     require_capabilities(call.model, call.body, "chat")
-    openai_body = openai_chat_from_ollama(call.body, dialect(call.model), catalog_context(call.model))
+    openai_body = openai_chat_from_ollama(call.body, sampler_names(call.model.backend), catalog_context(call.model))
     return generate_answer(call, "chat", "chat", openai_body)
 
 
@@ -183,116 +182,46 @@ def generate() -> Response:
     if not call.body.get("prompt") and not call.body.get("suffix"):
         return load_shortcut(call.model, call.requested, call.keep_alive_s, "generate")
     require_capabilities(call.model, call.body, "generate")
-    kind, openai_body = openai_request_from_generate(call.body, dialect(call.model), catalog_context(call.model))
+    kind, openai_body = openai_request_from_generate(call.body, sampler_names(call.model.backend), catalog_context(call.model))
     return generate_answer(call, "generate", kind, openai_body)
 
 
 def generate_answer(call: OllamaRequest, record_kind: Literal["chat", "generate"], kind: str,
                     openai_body: dict[str, Any]) -> Response:
     """Send the translated request upstream (always streaming, with usage) and answer in Ollama's shape."""
-    context = ProxyContext.current()
-    model = call.model
-    openai_body["stream"] = True  # one code path: non-streaming answers are aggregated here
+    openai_body["stream"] = True  # one code path: non-streaming answers are gathered from the stream
     openai_body["stream_options"] = {"include_usage": True}  # the done record's counts come from usage
-    prepared = finish(model, openai_body, kind, call.keep_alive_s, True)
-    request.environ["proxy.model"] = model.name
-    with context.upstream.watching(request.environ.get("waitress.client_disconnected")):
-        return send_generation(call, record_kind, kind, prepared)
+    prepared = finish(call.model, openai_body, kind, call.keep_alive_s, True)
+    return exchange.run(prepared, PATHS[kind], lambda opened: ollama_answer(opened, call, record_kind))
 
 
-def send_generation(call: OllamaRequest, record_kind: Literal["chat", "generate"], kind: str,
-                    prepared: Prepared) -> Response:
-    """Open the backend stream and answer with NDJSON records as they come, or with the gathered answer."""
-    context = ProxyContext.current()
-    model = call.model
-    lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS[kind],
-                                    request.environ.get("waitress.client_disconnected"))
-    translator = OllamaStream(model=call.requested, kind=record_kind, think=call.body.get("think"),
-                              started_ns=call.started_ns, raw=call.body.get("raw") is True)
-    load_ns = int(lease.waited_s * 1e9)
-    try:
-        check_upstream_status(lease, upstream)
-        if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            events = chunk_events(context.upstream, lease, upstream)
-        else:  # a backend that ignored "stream": its whole answer is one chunk
-            events = iter([chunk_from_response(json.loads(context.upstream.read(lease, upstream)))])
-    except BaseException:
-        upstream.close()
-        lease.release()
-        raise
-    if call.stream:
-        return Response(stream_records(events, lease, upstream, translator, load_ns), mimetype=NDJSON)
-    try:
-        for event in bounded(events, context.upstream.max_answer_bytes, model.name):
-            translator.feed(event, time.monotonic_ns(), time.time_ns())
-        answer = translator.aggregate(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns())
-    except ValueError as exc:  # a tool call the backend garbled
-        raise UpstreamError(502, f"{model.name}: {exc}") from exc
-    finally:
-        upstream.close()
-        lease.release()
-    return jsonify(answer)
+def ollama_answer(opened: Opened, call: OllamaRequest, record_kind: Literal["chat", "generate"]) -> Response:
+    """Answer with NDJSON records as the backend's tokens come, or with the gathered answer."""
+    opened.check_status()
+    stream = OllamaStream(model=call.requested, kind=record_kind, think=call.body.get("think"),
+                          started_ns=call.started_ns, raw=call.body.get("raw") is True)
+    records = OllamaRecords(stream, load_ns=int(opened.lease.waited_s * 1e9), clock=clock,
+                            model_name=call.model.name, gather=not call.stream)
+    if opened.is_sse and call.stream:
+        return exchange.relay_answer(opened, records, ndjson_error, content_type=NDJSON)
+    if opened.is_sse:
+        exchange.gather(opened, records)
+        return jsonify(records.answer())
+    try:  # a backend that ignored "stream": its whole answer is one chunk
+        whole = json.loads(opened.read())
+    except ValueError as exc:
+        raise UpstreamError(502, f"{call.model.name}: the backend's answer is not JSON") from exc
+    lines = records.feed_chunk(chunk_from_response(whole)) + records.flush()
+    return Response(lines, mimetype=NDJSON) if call.stream else jsonify(records.answer())
 
 
-def stream_records(events: Iterator[dict[str, Any]], lease: Lease, upstream: requests.Response,
-                   translator: OllamaStream, load_ns: int) -> Guarded:
-    """NDJSON records as tokens arrive, ending with the done record or one error line; the
-    upstream request is closed and the lease released however the stream ends.
-
-    Runs after the view returned (outside the request context): everything it needs is passed in.
-    """
-
-    def records() -> Iterator[bytes]:
-        try:
-            for event in events:
-                for record in translator.feed(event, time.monotonic_ns(), time.time_ns()):
-                    yield ndjson(record)
-            for record in translator.final(load_ns=load_ns, now_ns=time.monotonic_ns(), wall_ns=time.time_ns()):
-                yield ndjson(record)
-        except (ProxyError, ValueError) as exc:
-            message = exc.message if isinstance(exc, ProxyError) else f"{lease.model_name}: {exc}"
-            log.warning("model %s: stream ended with an error: %s", lease.model_name, message)
-            yield ndjson({"error": message})
-
-    return Guarded(records(), lambda: close_then_release(upstream.close, lease))
+def clock() -> tuple[int, int]:
+    return time.monotonic_ns(), time.time_ns()
 
 
-def bounded(events: Iterator[dict[str, Any]], limit: int, model_name: str) -> Iterator[dict[str, Any]]:
-    """Yield the events of an answer that is gathered whole; 502 once their text passes `limit` bytes."""
-    held = 0
-    for event in events:
-        for choice in event.get("choices") or ():
-            if isinstance(choice, dict):  # chat deltas (text, thinking, tool calls) or completion text
-                held += len(json.dumps([choice.get("delta"), choice.get("message"), choice.get("text")]))
-        if held > limit:
-            raise UpstreamError(502, f"{model_name}: the answer is larger than {limit / 1048576:g} MiB, the most "
-                                     "the proxy holds to gather one answer (proxy.max_answer_mb); stream it instead")
-        yield event
-
-
-def chunk_events(client: Upstream, lease: Lease, upstream: requests.Response) -> Iterator[dict[str, Any]]:
-    """Yield the backend's stream chunks as objects; raise UpstreamError for an in-band error."""
-    for data in sse_data(client.iter_body(lease, upstream)):
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            continue  # not JSON: nothing of ours
-        if isinstance(event, dict) and "error" in event:
-            raise UpstreamError(502, f"{lease.model_name}: {error_message_from_upstream(data.encode(), 200)}")
-        if isinstance(event, dict):
-            yield event
-
-
-def check_upstream_status(lease: Lease, upstream: requests.Response) -> None:
-    """Raise the backend's error with its status (message prefixed with the model for 5xx)."""
-    if upstream.status_code == 200:
-        return
-    context = ProxyContext.current()
-    message = error_message_from_upstream(context.upstream.read(lease, upstream), upstream.status_code)
-    raise UpstreamError(upstream.status_code,
-                        f"{lease.model_name}: {message}" if upstream.status_code >= 500 else message)
+def ndjson_error(error: ProxyError) -> bytes:
+    """End an Ollama stream that broke off: one `{"error"}` line instead of the done record."""
+    return ndjson({"error": error.message})
 
 
 def load_shortcut(model: ModelConfig, requested: str, keep_alive_s: float | None, kind: str) -> Response:
@@ -357,21 +286,16 @@ def embeddings() -> Response:
 
 
 def fetch_embeddings(model: ModelConfig, given: str | list[str], keep_alive_s: float | None) -> tuple[dict[str, Any], Lease]:
-    context = ProxyContext.current()
     prepared = finish(model, {"input": given}, "embedding", keep_alive_s, False)
-    request.environ["proxy.model"] = model.name
-    cancelled = request.environ.get("waitress.client_disconnected")
-    with context.upstream.watching(cancelled):
-        lease, upstream = open_upstream(context.manager, context.upstream, prepared, PATHS["embedding"], cancelled)
+
+    def read_answer(opened: Opened) -> tuple[dict[str, Any], Lease]:
+        opened.check_status()
         try:
-            check_upstream_status(lease, upstream)
-            answer = json.loads(context.upstream.read(lease, upstream))
+            return json.loads(opened.read()), opened.lease
         except ValueError as exc:
             raise UpstreamError(502, f"{model.name}: the backend's embeddings are not JSON") from exc
-        finally:
-            upstream.close()
-            lease.release()
-    return answer, lease
+
+    return exchange.run(prepared, PATHS["embedding"], read_answer)
 
 
 # ----- model files: this server does not manage them ------------------------------------------------
@@ -409,10 +333,12 @@ def unsupported(digest: str | None = None) -> Response:
 def request_body() -> dict[str, Any]:
     if not request.get_data(cache=True):
         raise BadRequest("missing request body")
-    try:
-        body = json.loads(request.get_data(cache=True))
-    except ValueError as exc:
-        raise BadRequest(f"invalid JSON: {exc}") from None
+    body = json_body()
+    if body is None:
+        try:
+            json.loads(request.get_data(cache=True))  # only to word the error as Ollama does
+        except ValueError as exc:
+            raise BadRequest(f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
@@ -436,10 +362,6 @@ def stream_flag(body: dict[str, Any]) -> bool:
     if not isinstance(stream, bool):
         raise BadRequest(f"stream: expected true or false, got {stream!r}")
     return stream
-
-
-def dialect(model: ModelConfig) -> Dialect:
-    return "tabbyapi" if model.backend == "tabbyapi" else "llamacpp"
 
 
 def catalog_context(model: ModelConfig) -> int | None:

@@ -1,18 +1,20 @@
-"""OpenAI routes (/v1/*): validate, lease, forward, relay. No dialect translation, no processes."""
+"""OpenAI routes (/v1/*): validate, then the exchange (lease, forward, relay). The only translation
+is the model's name (dialects/openai.py); no processes."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 
+from proxy import exchange
 from proxy.app_context import ProxyContext
 from proxy.config import ModelConfig
+from proxy.dialects.openai import model_field_replacements, renamed, renames_model
 from proxy.errors import ProxyError, render_openai_error, sse_error_event
-from proxy.manager import Cancelled
-from proxy.pipeline import Prepared, open_upstream, prepare, resolve_model
-from proxy.streaming import relay, replacing
+from proxy.exchange import Opened, json_body
+from proxy.pipeline import Prepared, prepare, resolve_model
+from proxy.streaming import Replacer
 
 bp = Blueprint("openai", __name__)
 
@@ -71,75 +73,28 @@ def model_card(context: ProxyContext, model: ModelConfig, state: str) -> dict[st
 
 
 def forward(kind: str, path: str) -> Response:
-    context = ProxyContext.current()
-    prepared = prepare(context.config, request.get_json(force=True, silent=True), kind)
-    request.environ["proxy.model"] = prepared.model.name
-    # waitress says whether the client is still there (proxy.py sets channel_request_lookahead)
-    cancelled = request.environ.get("waitress.client_disconnected")
-    with context.upstream.watching(cancelled):  # a client that leaves while we wait cuts the backend request
-        return answer(context, prepared, path, cancelled)
+    prepared = prepare(ProxyContext.current().config, json_body(), kind)
+    return exchange.run(prepared, path, lambda opened: answer(opened, prepared))
 
 
-def answer(context: ProxyContext, prepared: Prepared, path: str, cancelled: Cancelled | None) -> Response:
-    """Send the prepared request and answer with the backend's: relayed, passed through or read whole."""
-    lease, upstream_response = open_upstream(context.manager, context.upstream, prepared, path, cancelled)
-    content_type = upstream_response.headers.get("Content-Type", "application/json")
-    if prepared.stream and upstream_response.status_code == 200 and content_type.startswith("text/event-stream"):
-        chunks = context.upstream.iter_body(lease, upstream_response)
-        if renames_model(prepared.model):
-            chunks = replacing(chunks, model_field_replacements(prepared.model))
-        return Response(relay(chunks, upstream_response.close, lease, sse_error_event),
-                        status=200, content_type=content_type, headers=STREAM_HEADERS)
-    declared = upstream_response.headers.get("Content-Length", "")
-    if upstream_response.status_code != 200 or (declared.isdigit() and int(declared) <= WHOLE_BODY_MAX):
-        try:
-            body = context.upstream.read(lease, upstream_response)
-        finally:
-            lease.release()
-        if upstream_response.status_code == 200 and renames_model(prepared.model):
-            body = renamed(body, prepared.model.name)
-        return Response(body, status=upstream_response.status_code, content_type=content_type)
+def answer(opened: Opened, prepared: Prepared) -> Response:
+    """Answer with the backend's answer: a stream relayed, a small answer read whole, a large one passed on."""
+    model = prepared.model
+    renamer = Replacer(model_field_replacements(model)) if renames_model(model) else None
+    if prepared.stream and opened.status == 200 and opened.is_sse:
+        return exchange.relay_answer(opened, renamer, sse_error_event, content_type=opened.content_type,
+                                     headers=STREAM_HEADERS)
+    if opened.status != 200 or (opened.declared_length is not None and opened.declared_length <= WHOLE_BODY_MAX):
+        body = opened.read()
+        if opened.status == 200 and renamer is not None:
+            body = renamed(body, model.name)
+        return Response(body, status=opened.status, content_type=opened.content_type)
     # A large or unsized answer (a big embedding batch) passes through as it arrives instead of being
     # held whole; the model id is renamed in the bytes, as in streams.
-    chunks = context.upstream.iter_body(lease, upstream_response)
-    if renames_model(prepared.model):
-        chunks = replacing(chunks, model_field_replacements(prepared.model))
-    return Response(relay(chunks, upstream_response.close, lease, abort_body), status=200, content_type=content_type)
+    return exchange.relay_answer(opened, renamer, abort_body, content_type=opened.content_type)
 
 
 def abort_body(error: ProxyError) -> bytes:
     """End a plain (non-SSE) answer that broke off: the connection closes without the last chunk,
     so the client sees a truncated body rather than a complete one that is wrong."""
     raise error
-
-
-def renames_model(model: ModelConfig) -> bool:
-    """Say whether answers need the public name put in: the backend uses another id, or TabbyAPI's
-    completion chunks name the model only in `model_name` (clients read `model`)."""
-    return model.upstream_model != model.name or model.backend == "tabbyapi"
-
-
-def model_field_replacements(model: ModelConfig) -> list[tuple[bytes, bytes]]:
-    """Return the byte patterns that rename the backend's model id in SSE chunks (compact and spaced JSON).
-
-    TabbyAPI's completion chunks carry `"model_name": <folder>` and no `model`: that field becomes
-    both, so every chunk names the model as the client knows it.
-    """
-    old, new = json.dumps(model.upstream_model).encode(), json.dumps(model.name).encode()
-    return [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new),
-            (b'"model_name":' + old, b'"model":' + new + b',"model_name":' + new),
-            (b'"model_name": ' + old, b'"model": ' + new + b', "model_name": ' + new)]
-
-
-def renamed(body: bytes, name: str) -> bytes:
-    """Return a JSON answer with `model` (and TabbyAPI's `model_name`) set to the name the client knows."""
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return body
-    if isinstance(answer, dict) and ("model" in answer or "model_name" in answer):
-        answer["model"] = name
-        if "model_name" in answer:
-            answer["model_name"] = name
-        return json.dumps(answer).encode()
-    return body

@@ -1,8 +1,8 @@
-"""Pure translations between Ollama's API and the OpenAI shapes backends speak.
+"""The Ollama dialect: pure translations between Ollama's API and the OpenAI shapes backends speak.
 
 Requests (options, messages, images, tools, think, format), stream chunks into NDJSON records, the
-final `done` record with its metrics, embeddings and error bodies. Standard library only: no Flask,
-no requests, no clocks (callers pass the times in).
+final `done` record with its metrics, whole answers, embeddings, names and times. Standard library
+only: no Flask, no requests, no clocks (callers pass the times in, or a clock).
 """
 
 from __future__ import annotations
@@ -12,49 +12,25 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
-from proxy.errors import BadRequest
+from proxy.dialects.backend import completion_tokens, error_message_from_upstream, generation_ns, prompt_ns, prompt_tokens
+from proxy.dialects.samplers import SAMPLERS, SamplerNames
+from proxy.dialects.tools import ToolCall, ToolCallAssembler, backend_function
+from proxy.errors import BadRequest, UpstreamError
+from proxy.streaming import SSEParser, ndjson
 
-Dialect = Literal["tabbyapi", "llamacpp"]
-"""Which sampler field names the backend understands: TabbyAPI's, or llama.cpp's (also used for
-other OpenAI-compatible servers, which ignore what they do not know)."""
-
-# Ollama option -> backend field, per dialect. Options that are not listed are ignored, as Ollama
-# ignores unknown ones; runner-level options (num_gpu, num_thread, ...) have no request equivalent.
-_SAMPLERS: dict[str, dict[Dialect, str | None]] = {
-    "temperature": {"tabbyapi": "temperature", "llamacpp": "temperature"},
-    "top_k": {"tabbyapi": "top_k", "llamacpp": "top_k"},
-    "top_p": {"tabbyapi": "top_p", "llamacpp": "top_p"},
-    "min_p": {"tabbyapi": "min_p", "llamacpp": "min_p"},
-    "typical_p": {"tabbyapi": "typical", "llamacpp": "typical_p"},
-    "repeat_penalty": {"tabbyapi": "repetition_penalty", "llamacpp": "repeat_penalty"},
-    "repeat_last_n": {"tabbyapi": "penalty_range", "llamacpp": "repeat_last_n"},
-    "presence_penalty": {"tabbyapi": "presence_penalty", "llamacpp": "presence_penalty"},
-    "frequency_penalty": {"tabbyapi": "frequency_penalty", "llamacpp": "frequency_penalty"},
-    "seed": {"tabbyapi": None, "llamacpp": "seed"},  # TabbyAPI has no seed
-    "num_keep": {"tabbyapi": None, "llamacpp": "n_keep"},
-    "mirostat": {"tabbyapi": "mirostat_mode", "llamacpp": "mirostat"},
-    "mirostat_tau": {"tabbyapi": "mirostat_tau", "llamacpp": "mirostat_tau"},
-    "mirostat_eta": {"tabbyapi": "mirostat_eta", "llamacpp": "mirostat_eta"},
-    "tfs_z": {"tabbyapi": "tfs", "llamacpp": None},
-}
 _INTEGER_OPTIONS = frozenset({"top_k", "repeat_last_n", "seed", "num_keep", "mirostat", "num_predict", "num_ctx"})
 _IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
 ROLES = ("system", "user", "assistant", "tool")
 NEVER_S = 2 ** 63 / 1e9  # Ollama shows "forever" as now + 2^63 ns
 
 
-class ToolCall(TypedDict):
-    id: str
-    function: dict[str, Any]
-
-
 # ----- requests -------------------------------------------------------------------------------------
 
-def openai_options_from_ollama(options: object, dialect: Dialect, context_length: int | None = None) -> dict[str, Any]:
+def openai_options_from_ollama(options: object, names: SamplerNames, context_length: int | None = None) -> dict[str, Any]:
     """Return backend sampler fields for Ollama `options`; 400 on a wrongly typed value."""
     if options is None:
         return {}
@@ -74,9 +50,9 @@ def openai_options_from_ollama(options: object, dialect: Dialect, context_length
             tokens = _number(key, value)
             if tokens >= 0:  # -1 (no limit) and -2 (fill the context) mean: leave it out
                 fields["max_tokens"] = int(min(tokens, context_length) if context_length else tokens)
-        elif key in _SAMPLERS:
+        elif key in SAMPLERS:
             number = _number(key, value)
-            target = _SAMPLERS[key][dialect]
+            target = SAMPLERS[key][names]
             if target is not None and not (key == "repeat_penalty" and number == 0):  # 0 means unset
                 fields[target] = number
     return fields
@@ -179,56 +155,52 @@ def openai_tools_from_ollama(tools: object) -> list[dict[str, Any]]:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest(f"tools[{index}].function.name: required")
-        converted.append({"type": "function", "function": {
-            **function,
-            "description": function.get("description") or "",
-            "parameters": function.get("parameters") or {"type": "object", "properties": {}},
-        }})
+        converted.append({"type": "function", "function": backend_function(function)})
     return converted
 
 
-def format_fields(fmt: object, dialect: Dialect) -> dict[str, Any]:
+def format_fields(fmt: object, names: SamplerNames) -> dict[str, Any]:
     """Return the backend's structured-output fields for Ollama's `format` ("json" or a schema)."""
     if fmt is None or fmt == "":
         return {}
     if fmt == "json":
-        if dialect == "tabbyapi":
+        if names == "tabbyapi":
             return {"json_schema": {"type": "object"}}
         return {"response_format": {"type": "json_object"}}
     if isinstance(fmt, dict):
-        if dialect == "tabbyapi":  # TabbyAPI takes the schema itself, not OpenAI's {name, schema} wrapper
+        if names == "tabbyapi":  # TabbyAPI takes the schema itself, not OpenAI's {name, schema} wrapper
             return {"json_schema": fmt}
         return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
     raise BadRequest(f'format: expected "json" or a JSON schema object, got {fmt!r}')
 
 
-def think_fields(think: object, dialect: Dialect) -> dict[str, Any]:
+def think_fields(think: object, names: SamplerNames) -> dict[str, Any]:
     """Return the backend's reasoning switches for Ollama's `think` (bool or "low"/"medium"/"high"/"max")."""
     if think is None:
         return {}
     if isinstance(think, str):
         if think not in ("low", "medium", "high", "max"):
             raise BadRequest(f'think: expected true, false, "low", "medium", "high" or "max", got {think!r}')
-        if dialect == "tabbyapi":
+        if names == "tabbyapi":
             return {"enable_thinking": True, "reasoning_effort": "high" if think == "max" else think}
         return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "high" if think == "max" else think}
     if not isinstance(think, bool):
         raise BadRequest(f"think: expected a boolean or a level, got {think!r}")
-    if dialect == "tabbyapi":
+    if names == "tabbyapi":
         return {"enable_thinking": think}
     return {"chat_template_kwargs": {"enable_thinking": think}}
 
 
-def openai_chat_from_ollama(body: Mapping[str, Any], dialect: Dialect, context_length: int | None = None) -> dict[str, Any]:
+def openai_chat_from_ollama(body: Mapping[str, Any], names: SamplerNames, context_length: int | None = None) -> dict[str, Any]:
     """Return the OpenAI chat request for an Ollama /api/chat body."""
     request: dict[str, Any] = {"messages": openai_messages_from_ollama(body.get("messages") or [])}
     if body.get("tools"):
         request["tools"] = openai_tools_from_ollama(body["tools"])
-    _common_fields(request, body, dialect, context_length)
+    _common_fields(request, body, names, context_length)
     return request
 
 
-def openai_request_from_generate(body: Mapping[str, Any], dialect: Dialect,
+def openai_request_from_generate(body: Mapping[str, Any], names: SamplerNames,
                                  context_length: int | None = None) -> tuple[str, dict[str, Any]]:
     """Return (kind, OpenAI request) for an Ollama /api/generate body: 'chat', or 'completion' for raw/suffix."""
     prompt = body.get("prompt") or ""
@@ -251,7 +223,7 @@ def openai_request_from_generate(body: Mapping[str, Any], dialect: Dialect,
             request["suffix"] = suffix
         if body.get("images"):
             raise BadRequest("images: not supported with raw or suffix")
-        _common_fields(request, body, dialect, context_length)
+        _common_fields(request, body, names, context_length)
         return "completion", request
     system = body.get("system")
     if system is not None and not isinstance(system, str):
@@ -260,15 +232,15 @@ def openai_request_from_generate(body: Mapping[str, Any], dialect: Dialect,
     if body.get("images"):
         user["content"] = content_parts(prompt, body["images"], "images")
     request = {"messages": ([{"role": "system", "content": system}] if system else []) + [user]}
-    _common_fields(request, body, dialect, context_length)
+    _common_fields(request, body, names, context_length)
     return "chat", request
 
 
-def _common_fields(request: dict[str, Any], body: Mapping[str, Any], dialect: Dialect,
+def _common_fields(request: dict[str, Any], body: Mapping[str, Any], names: SamplerNames,
                    context_length: int | None) -> None:
-    request.update(openai_options_from_ollama(body.get("options"), dialect, context_length))
-    request.update(format_fields(body.get("format"), dialect))
-    request.update(think_fields(body.get("think"), dialect))
+    request.update(openai_options_from_ollama(body.get("options"), names, context_length))
+    request.update(format_fields(body.get("format"), names))
+    request.update(think_fields(body.get("think"), names))
     top_logprobs = body.get("top_logprobs")
     if top_logprobs is not None:
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
@@ -309,7 +281,7 @@ class OllamaStream:
         self.started_ns = started_ns
         self.content: list[str] = []
         self.thinking: list[str] = []
-        self.tool_calls: dict[int, dict[str, str]] = {}  # buffered until complete
+        self.tool_calls = ToolCallAssembler()             # buffered until complete
         self.sent_calls: list[ToolCall] = []              # complete calls already streamed
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] = {}
@@ -332,7 +304,7 @@ class OllamaStream:
             text = delta.get("content") or ""
             reasoning = (delta.get("reasoning_content") or delta.get("reasoning") or "") if self.keep_thinking else ""
             for fragment in delta.get("tool_calls") or []:
-                self._buffer_tool_call(fragment)
+                self.tool_calls.add(fragment)
             if text or reasoning:
                 self._mark_token(now_ns)
                 self.content.append(text)
@@ -352,7 +324,7 @@ class OllamaStream:
 
     def aggregate(self, *, load_ns: int, now_ns: int, wall_ns: int) -> dict[str, Any]:
         """Return the one object of a non-streaming answer: all text, thinking, tool calls and metrics."""
-        calls = self.sent_calls + self._complete_tool_calls()
+        calls = self.sent_calls + self.tool_calls.complete()
         record = self._record(wall_ns, content="".join(self.content), thinking="".join(self.thinking),
                               tool_calls=calls)
         record.update(done=True, **self.metrics(load_ns=load_ns, now_ns=now_ns), **self._context())
@@ -363,16 +335,16 @@ class OllamaStream:
         usage, timings = self.usage, self.timings
         first = self.first_token_ns or now_ns
         last = self.last_token_ns or now_ns
-        prompt_ns = _ns(timings.get("prompt_ms"), 1e6) or _ns(usage.get("prompt_time"), 1e9) or first - self.started_ns - load_ns
-        eval_ns = _ns(timings.get("predicted_ms"), 1e6) or _ns(usage.get("completion_time"), 1e9) or last - first
+        prompt = prompt_ns(usage, timings) or first - self.started_ns - load_ns
+        generation = generation_ns(usage, timings) or last - first
         return {
             "done_reason": "length" if self.finish_reason == "length" else "stop",
             "total_duration": max(1, now_ns - self.started_ns),
             "load_duration": max(1, load_ns),
-            "prompt_eval_count": max(1, int(usage.get("prompt_tokens") or timings.get("prompt_n") or 1)),
-            "prompt_eval_duration": max(1, int(prompt_ns)),
-            "eval_count": max(1, int(usage.get("completion_tokens") or timings.get("predicted_n") or self.deltas or 1)),
-            "eval_duration": max(1, int(eval_ns)),
+            "prompt_eval_count": max(1, prompt_tokens(usage, timings) or 1),
+            "prompt_eval_duration": max(1, int(prompt)),
+            "eval_count": max(1, completion_tokens(usage, timings) or self.deltas or 1),
+            "eval_duration": max(1, int(generation)),
         }
 
     def _context(self) -> dict[str, Any]:
@@ -404,60 +376,12 @@ class OllamaStream:
         record["done"] = False
         return record
 
-    def _buffer_tool_call(self, fragment: Mapping[str, Any]) -> None:
-        # llama.cpp streams argument fragments keyed by index; TabbyAPI sends whole calls.
-        index = fragment.get("index", len(self.tool_calls))
-        call = self.tool_calls.setdefault(int(index), {"id": "", "name": "", "arguments": ""})
-        function = fragment.get("function") or {}
-        call["id"] = call["id"] or str(fragment.get("id") or "")
-        call["name"] += function.get("name") or ""
-        arguments = function.get("arguments")
-        call["arguments"] += arguments if isinstance(arguments, str) else json.dumps(arguments) if arguments else ""
-
-    def _complete_tool_calls(self) -> list[ToolCall]:
-        calls: list[ToolCall] = []
-        for index in sorted(self.tool_calls):
-            call = self.tool_calls[index]
-            try:
-                arguments = json.loads(call["arguments"] or "{}")
-            except ValueError:
-                raise ValueError(f"the backend sent tool call {call['name']!r} with arguments that are not "
-                                 f"JSON: {call['arguments'][:200]!r}") from None
-            if not isinstance(arguments, dict):
-                raise ValueError(f"the backend sent tool call {call['name']!r} with arguments that are not an object")
-            calls.append({"id": call["id"] or f"call_{index}",
-                          "function": {"index": index, "name": call["name"], "arguments": arguments}})
-        return calls
-
     def _flush_tool_calls(self, wall_ns: int) -> list[dict[str, Any]]:
         if not self.tool_calls or self.kind != "chat":
             return []
-        calls = self._complete_tool_calls()
-        self.tool_calls = {}
+        calls = self.tool_calls.take()
         self.sent_calls += calls
         return [self._record(wall_ns, content="", thinking="", tool_calls=calls)]
-
-
-def chunk_from_response(response: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a whole (non-stream) OpenAI answer as one stream chunk, so one code path reads both."""
-    choices = []
-    for choice in response.get("choices") or []:
-        message = dict(choice.get("message") or {})
-        if "text" in choice and not message:  # a completions answer
-            message = {"content": choice.get("text")}
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            message["tool_calls"] = [{"index": index, **call} for index, call in enumerate(calls)]
-        choices.append({"index": choice.get("index", 0), "delta": message, "finish_reason": choice.get("finish_reason")})
-    chunk: dict[str, Any] = {"choices": choices}
-    for key in ("usage", "timings"):
-        if isinstance(response.get(key), dict):
-            chunk[key] = response[key]
-    return chunk
-
-
-def _ns(value: object, scale: float) -> int:
-    return int(value * scale) if isinstance(value, int | float) and value > 0 else 0
 
 
 def ollama_embeddings_from_openai(response: Mapping[str, Any], *, dimensions: int | None = None,
@@ -476,28 +400,94 @@ def ollama_embeddings_from_openai(response: Mapping[str, Any], *, dimensions: in
     return vectors
 
 
-def error_message_from_upstream(body: bytes, status: int) -> str:
-    """Return the message of a backend's error body (OpenAI, TabbyAPI `detail`, or text)."""
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        text = body.decode("utf-8", "replace").strip()
-        return text[:500] if text else f"the backend answered HTTP {status}"
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str) and error:
-            return error
-        detail = parsed.get("detail")
-        if isinstance(detail, str):
-            return detail
-        if isinstance(detail, list):  # FastAPI validation errors
-            return "; ".join(f"{'.'.join(map(str, item.get('loc', [])))}: {item.get('msg')}"
-                             for item in detail if isinstance(item, dict)) or str(detail)
-    return f"the backend answered HTTP {status}: {str(parsed)[:300]}"
-
-
 def ollama_name(name: str) -> str:
     """Return a name with a tag, as Ollama lists them (clients add :latest to bare names)."""
     return name if re.search(r":[^/]+$", name) else f"{name}:latest"
+
+
+# ----- the stream transform -------------------------------------------------------------------------
+
+Clock = Callable[[], tuple[int, int]]
+"""Return (monotonic ns, wall-clock ns): when a record is made, and what its created_at says."""
+
+
+class OllamaRecords:
+    """Ollama's stream transform (a StreamTransform): a backend's SSE bytes in, NDJSON records out.
+
+    flush() ends the stream with its pending tool calls and the `done` record. An in-band backend
+    error, or tool-call arguments that are not JSON, raise UpstreamError (502): the exchange ends the
+    stream with Ollama's `{"error"}` line. With gather=True nothing leaves; answer() then returns the
+    one object of a non-stream answer.
+    """
+
+    def __init__(self, stream: OllamaStream, *, load_ns: int, clock: Clock, model_name: str,
+                 gather: bool = False) -> None:
+        self._stream = stream
+        self._load_ns = load_ns
+        self._clock = clock
+        self._model_name = model_name  # the profile, named in error messages
+        self._gather = gather
+        self._sse = SSEParser()
+        self._ended = False  # [DONE] was seen: nothing after it counts
+        self._error: UpstreamError | None = None  # raised on the next call: the records before it leave first
+
+    def feed(self, data: bytes) -> bytes:
+        self._raise_pending()
+        return self._events(self._sse.feed(data))
+
+    def feed_chunk(self, chunk: Mapping[str, Any]) -> bytes:
+        """Take one OpenAI chunk (already parsed) and return its records."""
+        now_ns, wall_ns = self._clock()
+        try:
+            records = self._stream.feed(chunk, now_ns, wall_ns)
+        except ValueError as exc:
+            raise UpstreamError(502, f"{self._model_name}: {exc}") from exc
+        return b"" if self._gather else b"".join(ndjson(record) for record in records)
+
+    def flush(self) -> bytes:
+        self._raise_pending()
+        out = self._events(self._sse.flush())
+        self._raise_pending()
+        if self._gather:
+            return out
+        now_ns, wall_ns = self._clock()
+        try:
+            records = self._stream.final(load_ns=self._load_ns, now_ns=now_ns, wall_ns=wall_ns)
+        except ValueError as exc:
+            raise UpstreamError(502, f"{self._model_name}: {exc}") from exc
+        return out + b"".join(ndjson(record) for record in records)
+
+    def answer(self) -> dict[str, Any]:
+        """Return the gathered answer: all text, thinking, tool calls and the metrics."""
+        now_ns, wall_ns = self._clock()
+        try:
+            return self._stream.aggregate(load_ns=self._load_ns, now_ns=now_ns, wall_ns=wall_ns)
+        except ValueError as exc:
+            raise UpstreamError(502, f"{self._model_name}: {exc}") from exc
+
+    def _events(self, events: list[str]) -> bytes:
+        out = []
+        for data in events:
+            if self._ended:
+                continue
+            if data == "[DONE]":
+                self._ended = True
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue  # not JSON: nothing of ours
+            if isinstance(event, dict) and "error" in event:
+                self._error = UpstreamError(502, f"{self._model_name}: {error_message_from_upstream(data.encode(), 200)}")
+                self._ended = True
+                break
+            if isinstance(event, dict):
+                out.append(self.feed_chunk(event))
+        if self._error is not None and not out:
+            self._raise_pending()
+        return b"".join(out)
+
+    def _raise_pending(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
