@@ -33,13 +33,18 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 MAX_JSON_DEPTH = 100  # far beyond any real request (a JSON schema is a few levels); a backend may recurse on it
 
 
-def create_app(config: Config, manager: ModelManager | None = None, keys: Keys | None = None) -> Flask:
-    """Return the proxy's Flask app; the caller owns manager.shutdown()."""
+def create_app(config: Config, manager: ModelManager | None = None, keys: Keys | None = None,
+               upstream: Upstream | None = None) -> Flask:
+    """Return the proxy's Flask app; the caller owns manager.shutdown().
+
+    Each dependency may be passed in (tests give an in-memory manager or an upstream of their own);
+    what is not passed is built from the config.
+    """
     app = Flask("proxy")
     app.json = StrictJSON(app)
     manager = manager or ModelManager(config, ProcessLauncher(config))
     keys = keys or load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
-    upstream = Upstream(
+    upstream = upstream or Upstream(
         connect_timeout_s=config.proxy.connect_timeout_s,
         read_timeout_s=config.proxy.read_timeout_s,
         pool_size=config.proxy.threads,
