@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from proxy.app_context import ProxyContext
-from proxy.auth import load_keys
+from proxy.auth import Keys, load_keys
 from proxy.config import Config, ConfigError, load_config
 from proxy.launcher import ProcessLauncher
+from proxy.settings import RESTART_ONLY
 
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0
-RESTART_KEYS = ("host", "port", "threads", "backend_ports", "state_dir", "cors_origins", "max_body_mb", "log_bodies",
-                "connect_timeout_s", "read_timeout_s", "reserved_threads", "client_timeout_s", "connection_limit",
-                "channel_timeout_s", "header_timeout_s", "body_timeout_s")  # the last six: the server's, built once
 
 
 class Reloader:
@@ -69,19 +67,11 @@ class Reloader:
 
     def reload(self) -> bool:
         """Read the config and keys again and apply them; keep the old ones if they are invalid."""
-        old = self._context.config
-        try:
-            new = load_config(old.path, empty_ok=False)  # an emptied file must not reset everything
-            new = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, **self._overrides))
-            keys = load_keys(new.proxy.api_tokens_path, disabled=new.proxy.disable_auth, create_missing=False)
-        except ConfigError as exc:
-            log.error("config not reloaded, keeping the running one: %s", exc)
+        read = self._read()
+        if read is None:
             return False
-        new = _keep_restart_only_settings(old, new)
-        if self._launcher is not None:
-            self._launcher.config = new
-        self._context.keys = keys
-        restart = self._context.manager.reload(new)
+        new, keys = read
+        restart = self._apply(new, keys)
         log.info("config reloaded: %d model(s); restarting after their requests: %s",
                  len(new.models), ", ".join(restart) or "none")
         for name in restart:
@@ -90,6 +80,30 @@ class Reloader:
             except Exception as exc:  # a model still busy keeps its old profile until it stops
                 log.warning("model %s: not restarted after reload: %s", name, exc)
         return True
+
+    def _read(self) -> tuple[Config, Keys] | None:
+        """Return the new config whole, as it will apply, with its keys; None (logged) if invalid."""
+        old = self._context.config
+        try:
+            new = load_config(old.path, empty_ok=False)  # an emptied file must not reset everything
+            new = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, **self._overrides))
+            keys = load_keys(new.proxy.api_tokens_path, disabled=new.proxy.disable_auth, create_missing=False)
+        except ConfigError as exc:
+            log.error("config not reloaded, keeping the running one: %s", exc)
+            return None
+        return _keep_restart_only_settings(old, new), keys
+
+    def _apply(self, new: Config, keys: Keys) -> list[str]:
+        """Publish a config built whole; return the models that must restart to apply it.
+
+        Nothing is published before everything has been read and checked. The manager swaps the
+        config in one step under its lock; the launcher's copy goes first, so a model the new
+        config adds never starts with the old launcher settings.
+        """
+        if self._launcher is not None:
+            self._launcher.config = new
+        self._context.keys = keys
+        return self._context.manager.reload(new)
 
     @staticmethod
     def _stamps(config: Config) -> dict[Path, float]:
@@ -107,7 +121,7 @@ class Reloader:
 
 def _keep_restart_only_settings(old: Config, new: Config) -> Config:
     """Return new with the settings that only a restart can change taken from old (and say so)."""
-    changed = [key for key in RESTART_KEYS if getattr(old.proxy, key) != getattr(new.proxy, key)]
+    changed = [key for key in RESTART_ONLY if getattr(old.proxy, key) != getattr(new.proxy, key)]
     if not changed:
         return new
     log.warning("proxy.%s changed: restart the proxy to apply", ", proxy.".join(changed))
