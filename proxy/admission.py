@@ -32,7 +32,7 @@ class Slot:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._release(self._key)
+            self._admission.release(self._key)
 
 
 class Admission:
@@ -76,7 +76,8 @@ class Admission:
         with self._lock:
             return self._in_progress
 
-    def _release(self, key: str | None) -> None:
+    def release(self, key: str | None) -> None:
+        """Count one request of `key` as finished (Slot.release calls it, once)."""
         with self._lock:
             self._in_progress -= 1
             if key is not None:
@@ -115,7 +116,8 @@ class BodyBudget:
         with self._lock:
             return self._held
 
-    def _release(self, size: int) -> None:
+    def release(self, size: int) -> None:
+        """Count a body of `size` bytes as finished (Held.release calls it, once)."""
         with self._lock:
             self._held -= size
 
@@ -133,4 +135,4 @@ class Held:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._budget._release(self._size)
+            self._budget.release(self._size)

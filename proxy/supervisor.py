@@ -174,6 +174,11 @@ class BackendProcess:
             time.sleep(0.05)
         return True
 
+    def start_threads(self, on_exit: ExitCallback, registry: ChildRegistry | None) -> None:
+        """Start draining the child's output and watching for its exit (spawn() calls it once)."""
+        threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True).start()
+        threading.Thread(target=self._watch, args=(on_exit, registry), name=f"watch-{self.name}", daemon=True).start()
+
     def _drain(self) -> None:
         """Copy the child's output to its log (rotated when it grows too big) and to the tail, as it comes.
 
@@ -282,8 +287,7 @@ def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
     process = BackendProcess(name, popen, plan, log_path, log_rotate_bytes)
     if registry is not None:
         registry.add(popen.pid, name, mark=mark)
-    threading.Thread(target=process._drain, name=f"drain-{name}", daemon=True).start()
-    threading.Thread(target=process._watch, args=(on_exit, registry), name=f"watch-{name}", daemon=True).start()
+    process.start_threads(on_exit, registry)
     return process
 
 

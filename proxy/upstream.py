@@ -115,7 +115,7 @@ class Upstream:
         burst leaves in one write instead of one per event (urllib3 yields one HTTP chunk per call).
         The read timeout bounds the gap between two reads, so a silent backend cannot pin a lease.
         """
-        reader = _socket_reader(response)
+        reader = chunked_socket_reader(response)
         try:
             if reader is None:  # a sized or close-delimited body: whatever has arrived, at most READ_SIZE
                 while data := response.raw.read1(READ_SIZE):
@@ -145,11 +145,15 @@ class Upstream:
         self._http.close()
 
 
-def _socket_reader(response: requests.Response) -> Any:
+def chunked_socket_reader(response: requests.Response) -> Any:
     """Return the buffered socket reader under a chunked response, or None to read it the usual way.
 
-    Reading it bypasses http.client's own chunk state, so the connection is not reused afterwards:
-    Response.close() closes it (urllib3 closes the connection of a response it did not finish).
+    Neither urllib3 nor http.client offers a supported way to take whatever bytes of a chunked body
+    have arrived (their read1() stops at every chunk, one write per token), so this reaches into
+    urllib3's `_fp` (the http.client response) and its `fp`. It is the only place that does, and
+    tests/test_upstream.py fails if either library changes them, instead of falling back silently.
+    Reading the socket bypasses http.client's own chunk state, so the connection is not reused
+    afterwards: Response.close() closes it (urllib3 closes a connection whose response it did not finish).
     """
     raw = response.raw
     http_response = getattr(raw, "_fp", None)  # urllib3 2.x: the http.client response

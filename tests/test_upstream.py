@@ -1,0 +1,65 @@
+"""The HTTP client's reliance on library internals, checked against the installed libraries: if
+urllib3 or http.client change what chunked_socket_reader reads, this fails loudly (the relay would
+otherwise fall back, silently, to one write per HTTP chunk).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import requests
+
+from proxy.streaming import ChunkedDecoder
+from proxy.upstream import chunked_socket_reader
+
+EVENTS = [b"data: %d\n\n" % number for number in range(50)]
+
+
+class _Chunked(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if self.path == "/sized":
+            body = b"".join(EVENTS)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        # Every event its own HTTP chunk, all sent at once: a burst the relay should pass in one write.
+        self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in EVENTS) + b"0\r\n\r\n")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Chunked)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_socket_under_a_chunked_response_is_reachable_and_decodes(server: str) -> None:
+    with requests.get(server + "/chunked", stream=True, timeout=5) as response:
+        reader = chunked_socket_reader(response)
+        assert reader is not None, "urllib3/http.client changed: chunked_socket_reader finds no socket reader"
+        decoder, payload = ChunkedDecoder(), b""
+        while not decoder.done:
+            payload += decoder.feed(reader.read1(16384))
+        assert payload == b"".join(EVENTS)
+
+
+def test_a_sized_response_is_read_the_usual_way(server: str) -> None:
+    with requests.get(server + "/sized", stream=True, timeout=5) as response:
+        assert chunked_socket_reader(response) is None
+        assert response.raw.read1(1 << 20)[:8] == b"data: 0\n"
