@@ -9,6 +9,7 @@ instead of waiting, unanswered, in the server's queue. Keys are known here by th
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from proxy.auth import KeyEntry
 from proxy.errors import RateLimited, ServerBusy
@@ -19,20 +20,19 @@ BODIES_IN_BUDGET = 2  # request bodies in progress may take this many times prox
 RESERVED_BLUEPRINTS = frozenset({"admin"})
 
 
-class Slot:
-    """One admitted request; release() is idempotent (the access log releases it when the body closes)."""
+class Once:
+    """A release that runs once: the first release() calls it, later ones do nothing (the access log
+    and error paths may both release a request's slot or its body's share)."""
 
-    __slots__ = ("_admission", "_key", "_released")
+    __slots__ = ("_callback",)
 
-    def __init__(self, admission: Admission, key: str | None) -> None:
-        self._admission = admission
-        self._key = key
-        self._released = False
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback: Callable[[], None] | None = callback
 
     def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._admission.release(self._key)
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 class Admission:
@@ -44,7 +44,7 @@ class Admission:
         self._in_progress = 0                 # guarded by _lock
         self._per_key: dict[str, int] = {}    # guarded by _lock: key name -> requests in progress
 
-    def admit(self, entry: KeyEntry | None, default_key_limit: int) -> Slot:
+    def admit(self, entry: KeyEntry | None, default_key_limit: int) -> Once:
         """Count one more request in progress and return its slot.
 
         Raises RateLimited (429) when the key already has its limit in progress (its own
@@ -69,7 +69,7 @@ class Admission:
             self._in_progress += 1
             if key is not None:
                 self._per_key[key] = held + 1
-        return Slot(self, key)
+        return Once(lambda: self.release(key))
 
     def in_progress(self) -> int:
         """Return the requests in progress now (a snapshot)."""
@@ -77,7 +77,7 @@ class Admission:
             return self._in_progress
 
     def release(self, key: str | None) -> None:
-        """Count one request of `key` as finished (Slot.release calls it, once)."""
+        """Count one request of `key` as finished (its Once calls it)."""
         with self._lock:
             self._in_progress -= 1
             if key is not None:
@@ -101,7 +101,7 @@ class BodyBudget:
         self._lock = threading.Lock()
         self._held = 0  # guarded by _lock
 
-    def hold(self, size: int) -> Held:
+    def hold(self, size: int) -> Once:
         """Count a body of `size` bytes as in progress until the returned hold is released."""
         with self._lock:
             if self._held and self._held + size > self.limit_bytes:
@@ -109,7 +109,7 @@ class BodyBudget:
                                  f"the proxy holds at once ({BODIES_IN_BUDGET} x proxy.max_body_mb); retry in "
                                  f"{RETRY_AFTER_S}s", retry_after_s=RETRY_AFTER_S)
             self._held += size
-        return Held(self, size)
+        return Once(lambda: self.release(size))
 
     def held(self) -> int:
         """Return the bytes held now (a snapshot)."""
@@ -117,22 +117,6 @@ class BodyBudget:
             return self._held
 
     def release(self, size: int) -> None:
-        """Count a body of `size` bytes as finished (Held.release calls it, once)."""
+        """Count a body of `size` bytes as finished (its Once calls it)."""
         with self._lock:
             self._held -= size
-
-
-class Held:
-    """One body counted in the budget; release() is idempotent."""
-
-    __slots__ = ("_budget", "_size", "_released")
-
-    def __init__(self, budget: BodyBudget, size: int) -> None:
-        self._budget = budget
-        self._size = size
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._budget.release(self._size)
