@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import Config, ModelConfig
-from proxy.dialects.ollama import rfc3339_local
+from proxy.dialects.ollama_records import rfc3339_local
 
 FORMATS = {"llamacpp": "gguf", "tabbyapi": "exl3", "command": ""}
 

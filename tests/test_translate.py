@@ -20,19 +20,15 @@ from hypothesis import strategies as st
 from proxy.errors import BadRequest
 from proxy.dialects.backend import chunk_from_response, error_message_from_upstream
 from proxy.dialects.ollama import (
-    OllamaStream,
     format_fields,
-    ollama_embeddings_from_openai,
-    ollama_name,
     openai_chat_from_ollama,
     openai_messages_from_ollama,
     openai_options_from_ollama,
     openai_request_from_generate,
     openai_tools_from_ollama,
-    rfc3339_local,
-    rfc3339_ns,
     think_fields,
 )
+from proxy.dialects.ollama_records import OllamaStream, ollama_embeddings_from_openai, ollama_name, rfc3339_local, rfc3339_ns
 
 CREATED_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",

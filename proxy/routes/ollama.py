@@ -20,14 +20,13 @@ from proxy.app_context import ProxyContext
 from proxy.catalog import catalog_for
 from proxy.config import ModelConfig
 from proxy.dialects.backend import chunk_from_response
-from proxy.dialects.ollama import (
+from proxy.dialects.ollama import openai_chat_from_ollama, openai_request_from_generate
+from proxy.dialects.ollama_records import (
     NEVER_S,
     OllamaRecords,
     OllamaStream,
     ollama_embeddings_from_openai,
     ollama_name,
-    openai_chat_from_ollama,
-    openai_request_from_generate,
     rfc3339_local,
     rfc3339_ns,
 )
