@@ -43,15 +43,24 @@ Launch = Callable[[ModelConfig, ExitCallback], Backend]
 class ProcessLauncher:
     """The real Launch: a port from the pool, the backend's plan, a supervised child.
 
-    `config` is replaced on reload; the port pool stays (a new port range needs a restart).
-    Profiles with a `resident_group` go through Residents (TabbyAPI's in-place swap).
+    Once it follows the manager's config (follow()), a reload reaches it in the manager's one step;
+    the port pool stays (a new port range needs a restart). Profiles with a `resident_group` go
+    through Residents (TabbyAPI's in-place swap).
     """
 
     def __init__(self, config: Config, registry: ChildRegistry | None = None) -> None:
-        self.config = config
+        self._config: Callable[[], Config] = lambda: config
         self._ports = PortPool(*config.proxy.backend_ports)
         self._registry = registry
         self._residents = Residents(self._spawn_process)
+
+    @property
+    def config(self) -> Config:
+        return self._config()
+
+    def follow(self, source: Callable[[], Config]) -> None:
+        """Read the config from `source` from now on (the manager's, which a reload replaces)."""
+        self._config = source
 
     def __call__(self, model: ModelConfig, on_exit: ExitCallback) -> Backend:
         if model.backend == "tabbyapi" and model.resident_group:

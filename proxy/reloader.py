@@ -33,6 +33,8 @@ class Reloader:
                  overrides: Mapping[str, Any] | None = None) -> None:
         self._context = context
         self._launcher = launcher
+        if launcher is not None:  # a reload then reaches the launcher in the manager's one step
+            launcher.follow(lambda: context.manager.config)
         self._overrides = dict(overrides or {})
         self._poll_s = poll_s
         self._requested = threading.Event()
@@ -96,12 +98,10 @@ class Reloader:
     def _apply(self, new: Config, keys: Keys) -> list[str]:
         """Publish a config built whole; return the models that must restart to apply it.
 
-        Nothing is published before everything has been read and checked. The manager swaps the
-        config in one step under its lock; the launcher's copy goes first, so a model the new
-        config adds never starts with the old launcher settings.
+        Nothing is published before everything has been read and checked. The config is swapped
+        in one step, under the manager's lock (the launcher and every view read the manager's);
+        the keys are one reference swapped just before it.
         """
-        if self._launcher is not None:
-            self._launcher.config = new
         self._context.keys = keys
         return self._context.manager.reload(new)
 
