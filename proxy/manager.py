@@ -7,19 +7,23 @@ start, evict or grant is decided by the pure policy in proxy/scheduling.py.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from proxy import scheduling
 from proxy.config import Config, ModelConfig
 from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, UnknownModel
 from proxy.launcher import Backend, Launch
-from proxy.records import ModelRecord, never_if_unrepresentable
+from proxy.records import Cancelled as Cancelled  # re-exported: the manager's contract
+from proxy.records import Lease as Lease
+from proxy.records import Listener as Listener
+from proxy.records import ModelEvent as ModelEvent
+from proxy.records import ModelRecord, Ticket, never_if_unrepresentable
 from proxy.records import ModelStatus as ModelStatus  # re-exported: /status's entries are the manager's answer
 from proxy.scheduling import LOADED, TRANSITIONS
 from proxy.scheduling import State as State  # re-exported: the states are part of the manager's contract
@@ -28,59 +32,8 @@ from proxy.supervisor import describe_exit
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-Cancelled = Callable[[], bool]
 CANCEL_POLL_S = 0.5
 FORCED_STOP_GRACE_S = 1.0  # SIGTERM to SIGKILL for /unload?force=true (at most proxy.stop_grace)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelEvent:
-    """A model's state transition, as the manager commits it."""
-
-    model: str
-    previous: State
-    state: State
-    reason: str
-
-
-Listener = Callable[[ModelEvent], None]
-"""Told of every state transition, under the manager's lock and in the order they happen: it must
-return quickly and never call the manager (hand the event to a queue or a counter). An exception
-it raises is logged and dropped."""
-
-
-class _Ticket:
-    """A request waiting for a lease, in arrival order."""
-
-    def __init__(self, name: str, keep_alive_s: float | None, cancelled: Cancelled | None = None) -> None:
-        self.name = name
-        self.keep_alive_s = keep_alive_s
-        self.cancelled = cancelled
-        self.attempt_seen: int | None = None
-
-
-class Lease:
-    """Permission to send requests to a ready model; release() exactly once (extra calls are no-ops)."""
-
-    def __init__(self, manager: ModelManager, runtime: ModelRecord, generation: int, process: Backend) -> None:
-        self._manager = manager
-        self._runtime = runtime
-        self._generation = generation
-        self.model = runtime.model
-        self.base_url = process.base_url
-        self.headers = process.headers
-        self.waited_s = 0.0  # how long the request waited for it (queue, swap, load)
-        self._released = False
-
-    @property
-    def model_name(self) -> str:
-        return self.model.name
-
-    def release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        self._manager._release(self._runtime, self._generation)
 
 
 class ModelManager:
@@ -95,7 +48,7 @@ class ModelManager:
             name: ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
             for name, model in config.models.items()
         }
-        self._queue: list[_Ticket] = []  # guarded by _cond
+        self._queue: list[Ticket] = []  # guarded by _cond
         self._closed = False             # guarded by _cond
         self._draining = False           # guarded by _cond: shutting down, running requests may finish
         self._starting_threads = 0       # guarded by _cond: starts whose process may be unpublished
@@ -113,7 +66,7 @@ class ModelManager:
         ClientGone when `cancelled` says the client left while waiting (it leaves the queue, so
         nothing is loaded for it). keep_alive_s None keeps the model's current idle duration.
         """
-        ticket = _Ticket(name, keep_alive_s, cancelled)
+        ticket = Ticket(name, keep_alive_s, cancelled)
         with self._cond:
             self._runtime(name)
             if self._closed or self._draining:
@@ -138,7 +91,7 @@ class ModelManager:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
 
-    def _next_step(self, ticket: _Ticket, deadline: float, wait_s: float) -> Lease | Callable[[], None]:
+    def _next_step(self, ticket: Ticket, deadline: float, wait_s: float) -> Lease | Callable[[], None]:
         """Under the lock: grant a lease, claim a transition to run, or wait. Raises on failure."""
         while True:
             if self._closed or self._draining:
@@ -185,7 +138,7 @@ class ModelManager:
             raise UnknownModel(f"model {name!r} is not configured")
         return runtime
 
-    def _grant(self, runtime: ModelRecord, ticket: _Ticket) -> Lease:
+    def _grant(self, runtime: ModelRecord, ticket: Ticket) -> Lease:
         assert runtime.process is not None
         runtime.leases += 1
         runtime.requests_served += 1
@@ -193,7 +146,7 @@ class ModelManager:
         runtime.deadline = math.inf
         if ticket.keep_alive_s is not None:  # the last request that sent one wins (Ollama)
             runtime.keep_alive_s = never_if_unrepresentable(ticket.keep_alive_s)
-        return Lease(self, runtime, runtime.generation, runtime.process)
+        return Lease(runtime.model, runtime.process, functools.partial(self._release, runtime, runtime.generation))
 
     def _release(self, runtime: ModelRecord, generation: int) -> None:
         with self._cond:
@@ -208,7 +161,7 @@ class ModelManager:
 
     # ----- claiming transitions (under the lock) ----------------------------------------------
 
-    def _claim_start(self, runtime: ModelRecord, ticket: _Ticket) -> Callable[[], None]:
+    def _claim_start(self, runtime: ModelRecord, ticket: Ticket) -> Callable[[], None]:
         self._adopt_replacement(runtime)
         runtime.generation += 1
         runtime.attempt += 1

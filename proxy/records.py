@@ -1,10 +1,12 @@
-"""What the manager records of each model, and the views taken of it: ModelStatus for /status,
-scheduling.ModelView for the policy. Only ModelManager reads or writes a record, under its lock.
+"""What the manager records of each model and hands out: ModelRecord (one model's mutable state,
+read and written only by ModelManager under its lock), its views (ModelStatus for /status,
+scheduling.ModelView for the policy), the tickets of waiting requests, leases, and state events.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -12,6 +14,9 @@ from proxy.config import ModelConfig
 from proxy.errors import BackendFailed, ProxyError
 from proxy.launcher import Backend
 from proxy.scheduling import ModelView, State
+
+Cancelled = Callable[[], bool]
+"""Say whether a waiting request's client has left (waitress's client_disconnected)."""
 
 # Ollama's "forever" is 2^63 ns (Go's longest Duration). Longer idle times are "never" too:
 # they cannot be shown as an expiry date (datetime ends in 9999) and would never arrive anyway.
@@ -91,3 +96,53 @@ class ModelRecord:
             requests_served=self.requests_served,
             progress=process.progress if process is not None and self.state is State.STARTING else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvent:
+    """A model's state transition, as the manager commits it."""
+
+    model: str
+    previous: State
+    state: State
+    reason: str
+
+
+Listener = Callable[[ModelEvent], None]
+"""Told of every state transition, under the manager's lock and in the order they happen: it must
+return quickly and never call the manager (hand the event to a queue or a counter). An exception
+it raises is logged and dropped."""
+
+
+class Ticket:
+    """A request waiting for a lease, in arrival order."""
+
+    def __init__(self, name: str, keep_alive_s: float | None, cancelled: Cancelled | None = None) -> None:
+        self.name = name
+        self.keep_alive_s = keep_alive_s
+        self.cancelled = cancelled
+        self.attempt_seen: int | None = None
+
+
+class Lease:
+    """Permission to send requests to a ready model; release() exactly once (extra calls are no-ops).
+
+    `on_release` is the manager's: it counts the lease off the model that granted it."""
+
+    def __init__(self, model: ModelConfig, process: Backend, on_release: Callable[[], None]) -> None:
+        self._on_release = on_release
+        self.model = model
+        self.base_url = process.base_url
+        self.headers = process.headers
+        self.waited_s = 0.0  # how long the request waited for it (queue, swap, load)
+        self._released = False
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._on_release()
