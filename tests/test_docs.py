@@ -77,3 +77,14 @@ def test_the_readme_names_exactly_the_keys_a_reload_cannot_apply() -> None:
     keys = [setting.key for setting in SETTINGS if not setting.reload]
     sentence = f"`proxy.{keys[0]}`, " + ", ".join(f"`{key}`" for key in keys[1:-1]) + f" and `{keys[-1]}` need a restart"
     assert sentence in README, f"the Reloading section should say: {sentence}"
+
+
+def test_the_module_table_lists_every_module_of_the_package() -> None:
+    # STYLE.md: the layout tells the architecture, and the README's module table is how a newcomer reads it.
+    section = README.split("| Module | Role |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"^\| `([^`]+\.py)` \|", section, flags=re.M))
+    present = {path.relative_to(ROOT).as_posix() for path in (ROOT / "proxy").rglob("*.py")
+               if path.name != "__init__.py" or path.parent.name == "backends"}
+    present.add("proxy.py")
+    assert listed == present, {"missing from the README": sorted(present - listed),
+                               "listed but gone": sorted(listed - present)}
