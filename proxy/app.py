@@ -22,7 +22,7 @@ from proxy.config import Config
 from proxy.errors import BadRequest, ProxyError, UpstreamError, render_ollama_error, render_openai_error
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
-from proxy.routes import admin, ollama, openai
+from proxy.routes import admin, llamacpp, ollama, openai, passthrough
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -61,6 +61,8 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ollama.bp)
+    app.register_blueprint(llamacpp.bp)
+    app.register_blueprint(passthrough.bp)
 
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError) -> Response:
@@ -94,7 +96,8 @@ def parse_json_body() -> None:
     if request.content_length and request.method in ("POST", "PUT", "PATCH"):
         # Counted before it is read; the access log releases it when the answer ends.
         request.environ["proxy.body"] = ProxyContext.current().bodies.hold(request.content_length)
-        request.get_json(force=True, silent=True)
+        if request.mimetype != "multipart/form-data":  # an upload is read by its route, never held whole
+            request.get_json(force=True, silent=True)
 
 
 class StrictJSON(DefaultJSONProvider):

@@ -20,7 +20,7 @@ from proxy.errors import ProxyError, UpstreamError
 from proxy.manager import Lease
 from proxy.pipeline import Prepared
 from proxy.streaming import StreamTransform, relay, transformed
-from proxy.upstream import Upstream
+from proxy.upstream import RawBody, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,10 @@ class Opened:
 T = TypeVar("T")
 
 
-def run(prepared: Prepared, path: str, answer: Callable[[Opened], T]) -> T:
+def run(prepared: Prepared, path: str, answer: Callable[[Opened], T], *, raw: RawBody | None = None) -> T:
     """Take a lease on the prepared request's model, send it to `path`, and return answer(opened).
+
+    The body sent is prepared.body as JSON, or `raw` as the client sent it (pass-through routes).
 
     While it runs, a client that leaves cuts the backend request (ClientGone, 499). If answer()
     raises, the backend request is closed and the lease released; a streamed answer's body does
@@ -91,7 +93,8 @@ def run(prepared: Prepared, path: str, answer: Callable[[Opened], T]) -> T:
     with context.upstream.watching(cancelled):
         lease = context.manager.acquire(prepared.model.name, prepared.keep_alive_s, cancelled=cancelled)
         try:
-            response = context.upstream.post(lease, path, prepared.body)
+            response = (context.upstream.post(lease, path, prepared.body) if raw is None
+                        else context.upstream.post_raw(lease, path, raw))
         except BaseException:
             lease.release()
             raise

@@ -8,8 +8,8 @@ import contextlib
 import http.client
 import json
 import logging
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
 
 import requests
 import urllib3
@@ -45,12 +45,22 @@ class Upstream:
     def post(self, lease: Lease, path: str, body: Mapping[str, Any],
              headers: Mapping[str, str] | None = None) -> requests.Response:
         """Send a JSON body to the leased backend; return the response with its body unread."""
+        data = json.dumps(body, separators=(",", ":")).encode()
+        return self._send(lease, path, data, "application/json", headers or {})
+
+    def post_raw(self, lease: Lease, path: str, body: RawBody) -> requests.Response:
+        """Send a body as the client sent it (its bytes and Content-Type: multipart included), read
+        from a file as it goes, never held whole; return the response with its body unread."""
+        return self._send(lease, path, body, body.content_type, {"Content-Length": str(len(body))}, body.rewind)
+
+    def _send(self, lease: Lease, path: str, data: Any, content_type: str, headers: Mapping[str, str],
+              rewind: Callable[[], bool] = lambda: True) -> requests.Response:
         url = lease.base_url + path
         try:
             return self._post_once_more_after_a_reset(
-                lease, url,
-                data=json.dumps(body, separators=(",", ":")).encode(),
-                headers={"Content-Type": "application/json", **lease.headers, **(headers or {})},
+                lease, url, rewind,
+                data=data,
+                headers={"Content-Type": content_type, **lease.headers, **headers},
                 stream=True,
                 timeout=self._timeouts,
             )
@@ -63,7 +73,8 @@ class Upstream:
             raise BackendFailed(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: "
                                 f"{_reason(exc)}") from exc
 
-    def _post_once_more_after_a_reset(self, lease: Lease, url: str, **kwargs: Any) -> requests.Response:
+    def _post_once_more_after_a_reset(self, lease: Lease, url: str, rewind: Callable[[], bool],
+                                      **kwargs: Any) -> requests.Response:
         """POST, and once more if the connection was reset before a byte of the answer arrived.
 
         A pooled keep-alive connection that the backend closed while idle fails exactly so; the
@@ -73,7 +84,7 @@ class Upstream:
         try:
             return self._http.post(url, **kwargs)
         except requests.ConnectionError as exc:
-            if not _reset_before_answer(exc) or gone():
+            if not _reset_before_answer(exc) or gone() or not rewind():
                 raise
             log.info("model %s: the connection to the backend was reset before any answer (%s); sending once more",
                      lease.model_name, _reason(exc))
@@ -143,6 +154,31 @@ class Upstream:
 
     def close(self) -> None:
         self._http.close()
+
+
+class RawBody:
+    """A request body forwarded as the client sent it: a file read in pieces, its size and Content-Type.
+
+    requests sends an object with read() and len() as a sized body, READ_SIZE bytes at a time.
+    """
+
+    def __init__(self, source: IO[bytes], size: int, content_type: str) -> None:
+        self._source = source
+        self._size = size
+        self.content_type = content_type
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        return self._source.read(size)
+
+    def rewind(self) -> bool:
+        """Go back to the first byte, for a send once more after a reset; say whether it could."""
+        if not self._source.seekable():
+            return False
+        self._source.seek(0)
+        return True
 
 
 def chunked_socket_reader(response: requests.Response) -> Any:

@@ -23,9 +23,12 @@ Opt-in flags for the Ollama routes (each off by default):
   --embedding-dims N each embedding has N numbers (large answers: N=2000000 is about 20 MB each)
   --answer-delay S   a non-stream answer takes S seconds (generating); GET /requests then shows
                      whether the proxy's connection was gone by the time it was ready ("abandoned")
+  --echo-uploads     the pass-through routes (rerank, audio, images, token) answer what arrived:
+                     path, size, Content-Type and SHA-256 of the body
 """
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -55,9 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--record", action="store_true")
     p.add_argument("--embedding-dims", type=int, default=3)
     p.add_argument("--answer-delay", type=float, default=0.0)
+    p.add_argument("--echo-uploads", action="store_true")
     return p.parse_args(argv)
 
 
+ECHOED = ("/v1/rerank", "/rerank", "/v1/audio/transcriptions", "/v1/audio/speech", "/v1/images/generations",
+          "/v1/token/encode", "/v1/token/decode")
 RECORDED = []  # with --record: {"path", "body"} of every POST, oldest first
 TOOL_ARGUMENTS = {"city": "Tokyo", "days": 2}
 TABBY_TIMES = {"prompt_time": 0.5, "completion_time": 1.25}  # seconds, as TabbyAPI reports them
@@ -156,6 +162,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"status": "ok"})
         if not self.authorized():
             return self.send_json(401, error_body("Invalid API Key", "authentication_error", 401))
+        if ARGS.echo_uploads and path in ECHOED:
+            return self.send_json(200, {"path": self.path, "received_bytes": len(raw),
+                                        "content_type": self.headers.get("Content-Type", ""),
+                                        "sha256": hashlib.sha256(raw).hexdigest()})
         if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             return self.send_json(404, error_body("not found", "not_found", 404))
         try:
