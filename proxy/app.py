@@ -19,10 +19,17 @@ from werkzeug.exceptions import HTTPException
 from proxy.app_context import ProxyContext
 from proxy.auth import Keys, load_keys
 from proxy.config import Config
-from proxy.errors import BadRequest, ProxyError, UpstreamError, render_ollama_error, render_openai_error
+from proxy.errors import (
+    BadRequest,
+    ProxyError,
+    UpstreamError,
+    render_anthropic_error,
+    render_ollama_error,
+    render_openai_error,
+)
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
-from proxy.routes import admin, llamacpp, ollama, openai, passthrough
+from proxy.routes import admin, anthropic, llamacpp, ollama, openai, passthrough
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -54,13 +61,14 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.config["MAX_CONTENT_LENGTH"] = int(config.proxy.max_body_mb * 1024 * 1024)  # 413 beyond it
     if config.proxy.cors_origins:  # off by default: browsers may call the API only from these origins
         CORS(app, origins=list(config.proxy.cors_origins), allow_headers=["Authorization", "Content-Type",
-             "x-api-key"], expose_headers=["Retry-After"], max_age=600)
+             "x-api-key", "anthropic-version", "anthropic-beta"], expose_headers=["Retry-After"], max_age=600)
     app.before_request(parse_json_body)
     if config.proxy.log_bodies:  # opt-in: bodies hold prompts
         app.before_request(log_body)
     app.register_blueprint(openai.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ollama.bp)
+    app.register_blueprint(anthropic.bp)
     app.register_blueprint(llamacpp.bp)
     app.register_blueprint(passthrough.bp)
 
@@ -74,6 +82,8 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
         status = error.code or 500
         if request.path.startswith("/api/"):  # Ollama's shape for Ollama's paths
             return render_ollama_error(UpstreamError(status, f"{error.name}: {error.description}"))
+        if request.path.startswith("/v1/messages"):  # Anthropic's shape for Anthropic's paths
+            return render_anthropic_error(UpstreamError(status, f"{error.name}: {error.description}"))
         response = jsonify({"error": {
             "message": f"{error.name}: {error.description}",
             "type": "invalid_request_error" if status < 500 else "server_error",

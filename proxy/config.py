@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -23,6 +24,7 @@ from proxy.profiles import (
     ModelConfig,
     Template,
     deep_merge,
+    is_pattern,
     read_profile,
 )
 from proxy.settings import ProxySettings, read_proxy_settings
@@ -43,11 +45,15 @@ class Config:
     default_model: str | None
 
     def resolve_model(self, requested: str) -> ModelConfig | None:
-        """Return the profile for a client's model name (name, alias, `name:latest`), or None."""
+        """Return the profile for a client's model name, or None: a name or alias (or `name:latest`)
+        exactly, else the longest alias pattern that matches it (`claude-*`; case-insensitive)."""
         key = requested.strip().lower()
         name = self.names.get(key)
         if name is None and key.endswith(":latest"):
             name = self.names.get(key[: -len(":latest")])
+        if name is None:
+            matches = [pattern for pattern in self.names if is_pattern(pattern) and fnmatchcase(key, pattern)]
+            name = self.names[max(matches, key=len)] if matches else None
         return None if name is None else self.models[name]
 
     def idle_timeout_s(self, model: ModelConfig) -> float:

@@ -1,4 +1,4 @@
-"""The one exception tree of the proxy and its two renderers (OpenAI and Ollama error shapes).
+"""The one exception tree of the proxy and its renderers (OpenAI, Ollama and Anthropic error shapes).
 
 Views raise these; each blueprint registers the renderer of its own dialect.
 """
@@ -162,3 +162,29 @@ def render_ollama_error(error: ProxyError) -> "Response":
 def sse_error_event(error: ProxyError) -> bytes:
     """Return an in-band SSE error event, for errors after a stream's status is sent."""
     return b"data: " + json.dumps(openai_error_body(error)).encode() + b"\n\n"
+
+
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error", 529: "overloaded_error"}
+
+
+def anthropic_error_body(error: ProxyError) -> dict[str, Any]:
+    """Return the Anthropic error object for an error: its type follows the status, as Anthropic's do."""
+    kind = ANTHROPIC_TYPES.get(error.status) or ("api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def render_anthropic_error(error: ProxyError) -> "Response":
+    """Return a Flask response in Anthropic's error shape, with the error's status and headers."""
+    from flask import jsonify
+
+    response = jsonify(anthropic_error_body(error))
+    response.status_code = error.status
+    response.headers.update(error.headers())
+    return response
+
+
+def anthropic_error_event(error: ProxyError) -> bytes:
+    """Return Anthropic's in-band `error` event, for errors after a stream's status is sent."""
+    return b"event: error\ndata: " + json.dumps(anthropic_error_body(error)).encode() + b"\n\n"

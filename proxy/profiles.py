@@ -26,7 +26,7 @@ DEFAULT_TIME_FORMAT = "%A, %d %B %Y, %H:%M %Z"
 COMMAND_MACROS = ("PORT", "HOST", "MODEL", "PYTHON", "CONFIG_DIR")
 MACRO = re.compile(r"\$\{([^}]*)\}")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}")
+ALIAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/*?-]{0,255}")  # `*` and `?`: a pattern (see is_pattern)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,8 @@ class ProfileKey:
 
 PROFILE_KEYS = (
     ProfileKey("backend", "`tabbyapi`", "`tabbyapi`, `llamacpp` or `command`"),
-    ProfileKey("aliases", "none", "extra names (a string or a list); may contain `:` and `/`"),
+    ProfileKey("aliases", "none", "extra names (a string or a list); may contain `:` and `/`; `*` and `?` make "
+                                  "a pattern (`claude-*`) that names not claimed exactly resolve to"),
     ProfileKey("default", "`false`", "used when a request names no model; at most one profile may set it"),
     ProfileKey("description", '`""`', "free text, shown in `/v1/models`"),
     ProfileKey("unload_timer", "`proxy.unload_timer`", "this model's idle time"),
@@ -225,6 +226,11 @@ def read_profile(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConfi
         license=node.get("license", str, ""),
         resident_group=resident_group,
     )
+
+
+def is_pattern(name: str) -> bool:
+    """Say whether an alias is a glob pattern (`claude-*`, `gpt-?`) rather than a name."""
+    return "*" in name or "?" in name
 
 
 def _aliases(node: ConfigNode) -> tuple[str, ...]:

@@ -26,7 +26,14 @@ from waitress.utilities import Error as WaitressError
 
 from proxy.auth import Keys
 from proxy.config import ProxySettings
-from proxy.errors import BadRequest, ProxyError, Unauthorized, ollama_error_body, openai_error_body
+from proxy.errors import (
+    BadRequest,
+    ProxyError,
+    Unauthorized,
+    anthropic_error_body,
+    ollama_error_body,
+    openai_error_body,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
@@ -168,7 +175,12 @@ class _Refusal(WaitressError):  # type: ignore[misc]  # waitress is untyped
 
     def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
         error = self.error
-        shape = ollama_error_body(error) if self.path.startswith("/api/") else openai_error_body(error)
+        if self.path.startswith("/api/"):
+            shape = ollama_error_body(error)
+        elif self.path.startswith("/v1/messages"):
+            shape = anthropic_error_body(error)
+        else:
+            shape = openai_error_body(error)
         headers = [("Content-Type", "application/json"), *error.headers().items()]
         return f"{error.status} {HTTPStatus(error.status).phrase}", headers, json.dumps(shape).encode()
 

@@ -35,6 +35,7 @@ from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupp
 from proxy.exchange import Opened, json_body
 from proxy.manager import Lease
 from proxy.pipeline import MAX_MODEL_NAME, finish, pop_keep_alive, require_embedding
+from proxy.profiles import is_pattern
 from proxy.streaming import ndjson
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def tags() -> Response:
     config = ProxyContext.current().config
     catalog = catalog_for(config)
     models = [entry.tag(ollama_name(name))
-              for entry in catalog.entries.values() for name in (entry.model.name, *entry.model.aliases)]
+              for entry in catalog.entries.values() for name in (entry.model.name, *entry.model.aliases)
+              if not is_pattern(name)]  # a pattern (claude-*) is no model a client could pick
     return jsonify({"models": models})
 
 
