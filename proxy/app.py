@@ -29,7 +29,7 @@ from proxy.errors import (
 )
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
-from proxy.routes import admin, anthropic, llamacpp, ollama, openai, passthrough
+from proxy.routes import admin, anthropic, llamacpp, ollama, openai, passthrough, responses
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -71,6 +71,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(llamacpp.bp)
     app.register_blueprint(passthrough.bp)
+    app.register_blueprint(responses.bp)
 
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError) -> Response:
