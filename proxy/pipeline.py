@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from proxy.catalog import context_length
 from proxy.config import Config, ModelConfig
 from proxy.durations import parse_keep_alive
 from proxy.errors import BadRequest, UnknownModel
@@ -104,11 +105,27 @@ def prepare(config: Config, body: Any, kind: str, *, now: datetime | None = None
     return finish(model, body, kind, keep_alive_s, stream and kind != "embedding", now=now)
 
 
+def clamp_lengths(body: dict[str, Any], context: int | None) -> None:
+    """Lower an answer length beyond the model's context to the context, in place.
+
+    Agents ask for more than a small local model holds (Claude Code sends max_tokens 32000);
+    a backend would refuse that, while the context is the most it could answer anyway.
+    """
+    if context is None:
+        return
+    for key in LENGTH_KEYS:
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > context:
+            body[key] = context
+
+
 def finish(model: ModelConfig, body: dict[str, Any], kind: str, keep_alive_s: float | None, stream: bool,
            *, now: datetime | None = None) -> Prepared:
     """Return what to send for a validated OpenAI-shaped body: the profile's template, the backend's id."""
     body = apply_template(body, model.template, kind, now or datetime.now().astimezone())
     body["model"] = model.upstream_model
+    if kind != "embedding":
+        clamp_lengths(body, context_length(model))
     if model.backend == "tabbyapi" and kind == "completion" and all(body.get(key) is None for key in LENGTH_KEYS):
         # TabbyAPI's streamed completions fail without a length (it adds to None: "Completion
         # aborted"); 0 is its own "fill the context", what it does for a missing max_tokens elsewhere.

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from proxy.config_node import ConfigNode
 
-DEFAULT_OLLAMA_VERSION = "0.12.6"  # what /api/version reports; clients enable features by it
+DEFAULT_OLLAMA_VERSION = "0.13.5"  # what /api/version reports; clients enable features by it (Codex: >= 0.13.4)
 
 T = TypeVar("T")
 
@@ -125,7 +125,7 @@ def _origins(reading: Reading, key: str, default: Any) -> tuple[str, ...]:
 def _semver(reading: Reading, key: str, default: Any) -> str:
     version: str = reading.node.get(key, str, default)
     if not re.fullmatch(r"[0-9]+\.[0-9]+\.[0-9]+", version):
-        raise reading.node.fail(key, f'expected a plain version like "0.12.6" (clients parse it), got {version!r}')
+        raise reading.node.fail(key, f'expected a plain version like "0.13.5" (clients parse it), got {version!r}')
     return version
 
 

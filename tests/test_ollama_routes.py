@@ -260,8 +260,8 @@ def test_ps_lists_loaded_models_with_expiry(proxy: ProxyProcess) -> None:
 
     assert proxy.post("/api/chat", chat_body("fake", stream=False, keep_alive="10m")).status_code == 200
     models = proxy.get("/api/ps").json()["models"]
-    assert [entry["name"] for entry in models] == ["fake:latest"]
-    [entry] = models
+    assert [entry["name"] for entry in models] == ["fake:latest", "fake-alias:latest", "fakey:7b"]  # as /api/tags
+    entry = models[0]
     assert entry["model"] == "fake:latest" and re.fullmatch(r"[0-9a-f]{64}", entry["digest"])
     now = datetime.now().astimezone()
     expires = datetime.fromisoformat(entry["expires_at"])
@@ -272,13 +272,14 @@ def test_ps_lists_loaded_models_with_expiry(proxy: ProxyProcess) -> None:
     assert entry["details"]["family"] == "llama"
 
     assert proxy.post("/api/chat", chat_body("fake", stream=False, keep_alive=-1)).status_code == 200
-    [entry] = proxy.get("/api/ps").json()["models"]
+    entry = proxy.get("/api/ps").json()["models"][0]
     assert datetime.fromisoformat(entry["expires_at"]).year > 2200  # forever: about now + 2^63 ns
 
     assert proxy.post("/api/generate", {"model": "tabby", "prompt": "", "keep_alive": "1m"}).status_code == 200
     models = proxy.get("/api/ps").json()["models"]
-    assert [entry["name"] for entry in models] == ["fake:latest", "tabby:latest"]  # latest expiry first
-    assert models[1]["context_length"] == 0 and models[1]["size_vram"] == models[1]["size"] == 0  # nothing known
+    assert [entry["name"] for entry in models] == ["fake:latest", "fake-alias:latest", "fakey:7b",
+                                                   "tabby:latest"]  # latest expiry first
+    assert models[3]["context_length"] == 0 and models[3]["size_vram"] == models[3]["size"] == 0  # nothing known
 
 
 # ----- NDJSON framing -------------------------------------------------------------------------------
@@ -759,3 +760,25 @@ def test_model_management_is_refused_in_ollama_shape(proxy: ProxyProcess) -> Non
     error_of(proxy.get("/api/xyz"), 404)
     error_of(proxy.post("/api/xyz", {}), 404)
     assert proxy.get("/api/tags").status_code == 200  # nothing was deleted
+
+
+# ----- what clients read about versions and keys, and lengths beyond the context (issue 12) ---------
+
+def test_version_is_open_to_keyless_probes_but_refuses_a_wrong_key(proxy: ProxyProcess) -> None:
+    keyless = proxy.http.get(proxy.url + "/api/version", timeout=10)
+    assert keyless.status_code == 200 and keyless.json() == {"version": "0.13.5"}  # Codex refuses below 0.13.4
+    assert proxy.get("/api/version").status_code == 200
+    wrong = proxy.http.get(proxy.url + "/api/version", headers={"Authorization": "Bearer wrong-key-0123456789"},
+                           timeout=10)
+    assert wrong.status_code == 401 and wrong.json() == {"error": "invalid API key"}
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_an_answer_length_beyond_the_context_is_clamped_not_refused(proxy: ProxyProcess, field: str) -> None:
+    answer = proxy.post("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+                                                 field: 32000})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["echo"][field] == 4096  # the profile's context_length
+    small = proxy.post("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+                                                field: 100})
+    assert small.json()["echo"][field] == 100

@@ -17,6 +17,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from proxy import exchange
 from proxy.app_context import ProxyContext
+from proxy.auth import presented_keys
 from proxy.catalog import catalog_for
 from proxy.config import ModelConfig
 from proxy.dialects.backend import chunk_from_response
@@ -70,6 +71,9 @@ def root() -> Response:
 
 @bp.route("/api/version", methods=["GET", "HEAD"])
 def version() -> Response:
+    context = ProxyContext.current()
+    if presented_keys(request.headers):  # open to keyless probes; a wrong key must not pass "verify connection"
+        context.keys.check(request.headers)
     return jsonify({"version": ProxyContext.current().config.proxy.ollama_version})
 
 
@@ -135,13 +139,14 @@ def ps() -> Response:
             expires = status.expires_at.astimezone()
         else:  # in use or starting: Ollama shows now + duration (the timer starts when idle)
             expires = now + timedelta(seconds=min(status.keep_alive_s, NEVER_S))
-        name = ollama_name(status.name)
-        running.append((expires, {
-            "name": name, "model": name, "size": entry.size, "digest": entry.digest, "details": entry.details,
-            "expires_at": rfc3339_local(expires), "size_vram": entry.size_vram,
-            "context_length": entry.context_length or 0,
-        }))
-    running.sort(key=lambda pair: pair[0], reverse=True)
+        # Every name /api/tags lists for the model, so that UIs mark each of its entries as loaded.
+        for name in map(ollama_name, (status.name, *(alias for alias in entry.model.aliases if not is_pattern(alias)))):
+            running.append((expires, {
+                "name": name, "model": name, "size": entry.size, "digest": entry.digest, "details": entry.details,
+                "expires_at": rfc3339_local(expires), "size_vram": entry.size_vram,
+                "context_length": entry.context_length or 0,
+            }))
+    running.sort(key=lambda pair: pair[0], reverse=True)  # stable: a model's names stay together
     return jsonify({"models": [record for _, record in running]})
 
 
