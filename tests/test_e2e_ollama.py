@@ -58,7 +58,7 @@ def test_catalog_routes_parse(client: ollama.Client, proxy: ProxyProcess) -> Non
     assert client.ps().models == []
     client.chat(model="smol-a", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2})
     running = client.ps().models
-    assert [model.model for model in running] == ["smol-a:latest"]
+    assert [model.model for model in running] == ["smol-a:latest", "alpha:latest"]  # every name /api/tags lists
     assert running[0].expires_at is not None and running[0].expires_at > datetime.now(timezone.utc)
     assert running[0].context_length == 1024
 
