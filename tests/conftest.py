@@ -6,6 +6,7 @@ SmolLM2 GGUF under llama.cpp (xllamacpp), or tests/fake_backend.py through the `
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import signal
@@ -77,7 +78,10 @@ def tabby_testbed() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "model-proxy" / "tabbyapi-testbed"
-    done = subprocess.run(["bash", str(setup), str(cache)], capture_output=True, text=True, timeout=900)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / "tabbyapi-testbed.lock", "w") as lock:  # test workers set it up one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run(["bash", str(setup), str(cache)], capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         pytest.fail(f"the TabbyAPI test bed's setup.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return cache
@@ -273,7 +277,23 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
 
 FIGURES: dict[str, Any] = {}
 """Figures the fault and hardening tests measured (orphans, leaked leases, /health p99, peak RSS, ...),
-printed at the end of the run."""
+printed at the end of the run. Under pytest-xdist each worker's figures travel to the controller
+in the test reports (user_properties) and are printed there."""
+_FIGURE = "figure:"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    outcome = yield
+    if call.when == "teardown":  # hand what this test measured to the report
+        report = outcome.get_result()
+        report.user_properties.extend((_FIGURE + key, value) for key, value in FIGURES.items())
+
+
+def pytest_runtest_logreport(report: Any) -> None:
+    for name, value in getattr(report, "user_properties", ()):
+        if isinstance(name, str) and name.startswith(_FIGURE):
+            FIGURES[name[len(_FIGURE):]] = value
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
