@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,13 +84,17 @@ class WatchedAdapter(HTTPAdapter):
 
 
 class Watcher:
-    """The one thread that checks every watched request's client; it sleeps while nothing is watched."""
+    """The one thread that checks every watched request's client, every poll_s.
+
+    It ticks on its own (five times a second, a negligible cost) rather than being woken, so that
+    watching a request costs it only a set insertion: no thread switch on the request's path.
+    """
 
     def __init__(self, poll_s: float = WATCH_POLL_S) -> None:
         self._poll_s = poll_s
-        self._cond = threading.Condition()
-        self._watches: set[Watch] = set()  # guarded by _cond
-        self._thread: threading.Thread | None = None  # guarded by _cond; started with the first watch
+        self._lock = threading.Lock()
+        self._watches: set[Watch] = set()  # guarded by _lock
+        self._thread: threading.Thread | None = None  # guarded by _lock; started with the first watch
 
     @contextmanager
     def watching(self, cancelled: Cancelled | None) -> Iterator[None]:
@@ -99,32 +104,27 @@ class Watcher:
             return
         watch = Watch(cancelled)
         previous, _current.watch = _current.watch, watch
-        with self._cond:
+        with self._lock:
             self._watches.add(watch)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="client-watch", daemon=True)
                 self._thread.start()
-            if len(self._watches) == 1:
-                self._cond.notify_all()  # the thread was asleep
         try:
             yield
         finally:
             _current.watch = previous
-            with self._cond:
+            with self._lock:
                 self._watches.discard(watch)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._watches:
-                    self._cond.wait()
+            time.sleep(self._poll_s)
+            with self._lock:
                 watches = list(self._watches)
             for watch in watches:
                 try:
                     if watch.cancelled() and watch.cut():
-                        with self._cond:
+                        with self._lock:
                             self._watches.discard(watch)
                 except Exception:  # one bad check must not stop the others being watched
                     log.exception("checking a client's connection failed")
-            with self._cond:
-                self._cond.wait(self._poll_s)
