@@ -36,7 +36,7 @@ METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_
 
 # ----- options (section 10) -------------------------------------------------------------------------
 
-# The contract's table, written out independently of translate.py: Ollama option -> backend field.
+# The contract's table, written out independently of proxy/dialects/samplers.py: Ollama option -> backend field.
 TABBY_FIELDS = {
     "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
     "typical_p": "typical", "repeat_penalty": "repetition_penalty", "repeat_last_n": "penalty_range",
