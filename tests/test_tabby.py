@@ -352,3 +352,28 @@ def test_in_place_load_progress_shows_in_status(tabby: Start) -> None:
     assert seen and seen[0].startswith("loading") and any(entry.endswith("/8") for entry in seen)
     assert proxy.status("second")["progress"] is None
     assert proxy.status("second")["pid"] == proxy.status("first")["pid"] or proxy.status("first")["pid"] is None
+
+
+# ---- the newer dialects on TabbyAPI ---------------------------------------------------------------
+
+def test_anthropic_messages_and_openai_responses_through_tabbyapi(shared: ProxyProcess) -> None:
+    import anthropic
+    import openai
+
+    from tests.conftest import API_KEY
+
+    claude = anthropic.Anthropic(base_url=shared.url, api_key=API_KEY, max_retries=0, timeout=60)
+    message = claude.messages.create(model="qwen", max_tokens=32000, messages=[{"role": "user", "content": "hi"}],
+                                     tools=[{"name": "now", "input_schema": {"type": "object"}}])
+    assert message.model == "qwen" and message.stop_reason == "end_turn"
+    assert message.content[0].text == reply("fake-alpha")  # type: ignore[union-attr]
+    with claude.messages.stream(model="qwen", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert "".join(stream.text_stream) == reply("fake-alpha")
+    assert claude.messages.count_tokens(model="qwen", messages=[{"role": "user", "content": "hi"}]).input_tokens > 0
+
+    client = openai.OpenAI(base_url=shared.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    response = client.responses.create(model="qwen", input="hi", max_output_tokens=64)
+    assert response.output_text == reply("fake-alpha") and response.model == "qwen"
+    events = [event.type for event in client.responses.create(model="qwen", input="hi", stream=True)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    assert shared.status("qwen")["leases"] == 0
