@@ -7,7 +7,7 @@ from collections.abc import Callable
 from flask import current_app, request
 
 from proxy.admission import BODIES_IN_BUDGET, RESERVED_BLUEPRINTS, Admission, BodyBudget
-from proxy.auth import Keys, RateLimiter
+from proxy.auth import KeyEntry, Keys, RateLimiter, keyless_entry
 from proxy.config import Config
 from proxy.manager import ModelManager
 from proxy.upstream import Upstream
@@ -26,18 +26,22 @@ class ProxyContext:
         self.bodies = BodyBudget(int(BODIES_IN_BUDGET * manager.config.proxy.max_body_mb * 1024 * 1024))
         self.reload: Callable[[], bool] | None = None  # set by proxy.py when live reload runs
 
-    def authorize(self, *, admin: bool = False) -> None:
+    def authorize(self, *, admin: bool = False) -> KeyEntry | None:
         """Check the request's key, its rate limit and, outside admin routes, admission (requests in
         progress, all keys together and this key's); remember the key's name for the access log.
+        Return the caller's key entry (None with auth off; LOOPBACK_KEY for a keyless loopback caller
+        under proxy.loopback_without_key).
 
         The admission slot goes into the environ; the access log releases it when the body closes.
         """
-        entry = self.keys.check(request.headers, admin=admin)
+        keyless = keyless_entry(self.config.proxy.loopback_without_key, request.environ.get("REMOTE_ADDR"))
+        entry = self.keys.check(request.headers, admin=admin, keyless=keyless)
         if entry is not None:
             request.environ["proxy.key"] = entry.name
         self.limiter.check(entry)
         if request.blueprint not in RESERVED_BLUEPRINTS and "proxy.slot" not in request.environ:
             request.environ["proxy.slot"] = self.admission.admit(entry, self.config.proxy.key_max_concurrent)
+        return entry
 
     @property
     def config(self) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -61,18 +62,20 @@ class Keys:
     entries: tuple[KeyEntry, ...]
     disabled: bool = False
 
-    def check(self, headers: Headers, *, admin: bool = False) -> KeyEntry | None:
+    def check(self, headers: Headers, *, admin: bool = False, keyless: KeyEntry | None = None) -> KeyEntry | None:
         """Return the caller's key entry (None with auth disabled).
 
+        `keyless` is the entry a request that sends no key at all gets (LOOPBACK_KEY, for a loopback
+        peer under proxy.loopback_without_key); a key that is sent must still match.
         Raises Unauthorized (no or unknown key) or Forbidden (a non-admin key on an admin route).
         The Host header plays no part.
         """
         if self.disabled:
             return None
         presented = presented_keys(headers)
-        if not presented:
+        if not presented and keyless is None:
             raise Unauthorized("an API key is required: send Authorization: Bearer <key> or x-api-key: <key>")
-        entry = self._match(presented)
+        entry = self._match(presented) if presented else keyless
         if entry is None:
             raise Unauthorized("invalid API key")
         if admin and not entry.admin:
@@ -86,6 +89,27 @@ class Keys:
                 if hmac.compare_digest(candidate.encode(), entry.key.encode()) and (found is None or entry.admin):
                     found = entry
         return found
+
+
+# What a keyless request from loopback counts as: the plain api_key's rights and limits, under a name
+# no configured key can have (KEY_NAME), so its admission and rate buckets are its own.
+LOOPBACK_KEY = KeyEntry("(loopback)", "")
+
+
+def keyless_entry(allowed: bool, peer: str | None) -> KeyEntry | None:
+    """Return LOOPBACK_KEY when proxy.loopback_without_key is on and the peer is a loopback address."""
+    return LOOPBACK_KEY if allowed and is_loopback(peer) else None
+
+
+def is_loopback(address: str | None) -> bool:
+    """Say whether a socket peer address (never a header's) is 127.0.0.0/8 or ::1, IPv4-mapped included."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def presented_keys(headers: Headers) -> list[str]:

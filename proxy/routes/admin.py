@@ -38,8 +38,7 @@ def ping() -> Response:
 @bp.get("/status")
 def status() -> Response:
     context = ProxyContext.current()
-    context.authorize()  # pids, ports and backend errors are not for anonymous callers
-    caller = context.keys.check(request.headers)
+    caller = context.authorize()  # pids, ports and backend errors are not for anonymous callers
     admin = caller is None or caller.admin  # None: auth is off, and so is every admin check
     return jsonify({
         "version": proxy.__version__,
