@@ -24,7 +24,7 @@ from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
 from waitress.utilities import Error as WaitressError
 
-from proxy.auth import Keys
+from proxy.auth import Keys, keyless_entry
 from proxy.config import ProxySettings
 from proxy.errors import (
     BadRequest,
@@ -75,19 +75,20 @@ def install_hooks(server: Any, settings: ProxySettings, keys: KeysSource) -> Non
 
     waitress offers no supported hook for any of them, so this is the one place that relies on
     its internals: HTTPChannel.parser_class, the parser's received() and header fields, the
-    server's channel_class, maintenance() and active_channels, and a channel's requests,
+    server's channel_class, maintenance() and active_channels, and a channel's addr, requests,
     total_outbufs_len, last_activity and will_close. It raises RuntimeError at startup when any
     of them is missing (tests/test_server_hooks.py checks the same).
     """
     listeners = _listeners(server)
     _require_internals(listeners)
-    screen = _screen(keys)
+    screen = _screen(keys, settings.loopback_without_key)
 
     class Parser(HTTPRequestParser):  # type: ignore[misc]  # waitress is untyped
         error: Any  # waitress's: the error to answer with instead of running the app
 
-        def __init__(self, adj: Any) -> None:
+        def __init__(self, adj: Any, peer: str | None = None) -> None:
             super().__init__(adj)
+            self.peer = peer  # the client's socket address (what REMOTE_ADDR will say), for the early key check
             self.arrived_at = time.monotonic()  # waitress makes a parser when a request's first byte arrives
             self.headers_at: float | None = None
 
@@ -101,7 +102,13 @@ def install_hooks(server: Any, settings: ProxySettings, keys: KeysSource) -> Non
             return consumed
 
     class Channel(HTTPChannel):  # type: ignore[misc]  # waitress is untyped
-        parser_class = Parser
+        parser_class: Callable[..., Any] = Parser  # a class here; per channel a partial that adds the peer
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # waitress makes each request's parser with self.parser_class(self.adj): this one knows the peer.
+            peer = self.addr[0] if isinstance(self.addr, tuple) and self.addr else None
+            self.parser_class = functools.partial(Parser, peer=peer)
 
     for listener in listeners:
         listener.channel_class = Channel
@@ -185,8 +192,11 @@ class _Refusal(WaitressError):  # type: ignore[misc]  # waitress is untyped
         return f"{error.status} {HTTPStatus(error.status).phrase}", headers, json.dumps(shape).encode()
 
 
-def _screen(keys: KeysSource) -> Callable[[Any], _Refusal | None]:
-    """Return the check run on each request's headers before any of its body is read."""
+def _screen(keys: KeysSource, loopback_without_key: bool = False) -> Callable[[Any], _Refusal | None]:
+    """Return the check run on each request's headers before any of its body is read.
+
+    With proxy.loopback_without_key, a keyless body from a loopback peer passes, as the app lets it.
+    """
 
     def screen(request: Any) -> _Refusal | None:
         headers: Mapping[str, str] = request.headers  # upper case, "_" for "-"
@@ -198,7 +208,8 @@ def _screen(keys: KeysSource) -> Callable[[Any], _Refusal | None]:
             try:
                 keys().check({"Authorization": headers.get("AUTHORIZATION", ""),
                               "x-api-key": headers.get("X_API_KEY", ""),
-                              "x-admin-key": headers.get("X_ADMIN_KEY", "")})
+                              "x-admin-key": headers.get("X_ADMIN_KEY", "")},
+                             keyless=keyless_entry(loopback_without_key, getattr(request, "peer", None)))
             except Unauthorized as exc:  # never buffer a body nobody is allowed to send
                 error = exc
         if error is None:
@@ -218,8 +229,8 @@ def _listeners(server: Any) -> list[Any]:
 
 
 def _require_internals(listeners: list[Any]) -> None:
-    missing = [f"HTTPChannel.{name}" for name in ("parser_class", "request", "total_outbufs_len", "last_activity",
-                                                  "will_close") if not hasattr(HTTPChannel, name)]
+    missing = [f"HTTPChannel.{name}" for name in ("parser_class", "request", "addr", "total_outbufs_len",
+                                                  "last_activity", "will_close") if not hasattr(HTTPChannel, name)]
     missing += [f"HTTPRequestParser.{name}" for name in ("received", "headers_finished", "completed", "chunked",
                                                          "content_length", "error", "expect_continue")
                 if not hasattr(HTTPRequestParser, name)]

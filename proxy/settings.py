@@ -237,6 +237,11 @@ class ProxySettings:
                               doc="backend logs, generated TabbyAPI configs, the PID file")
     disable_auth: bool = setting("disable_auth", False, _flag,
                                  doc="`true` turns off key checks and skips reading `api_tokens.yml`")
+    loopback_without_key: bool = setting(
+        "loopback_without_key", False, _flag, reload=False,
+        doc="`true` lets a request that sends no key in from loopback (127.0.0.0/8, `::1`) as the plain `api_key`, "
+            "named `(loopback)`, for clients that cannot send one (Codex CLI `--oss`); a wrong key still gets 401 "
+            "and admin routes still need an admin key. It opens the API to every local process (see Security)")
     tabby_dir: Path | None = setting("tabby_dir", None, _path, doc="a TabbyAPI checkout, needed by `tabbyapi` profiles")
     max_body_mb: float = setting(
         "max_body_mb", 64.0, _positive, reload=False,

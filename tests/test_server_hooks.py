@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,3 +53,19 @@ def test_missing_internals_stop_the_proxy_at_startup() -> None:
         _require_internals([object()])
     with pytest.raises(RuntimeError, match="a listening server"):
         _require_internals([])
+
+
+def test_each_channel_gives_its_parsers_the_peer_address() -> None:
+    # The early key check needs the peer (proxy.loopback_without_key): the channel waitress makes per
+    # connection with (server, sock, addr, adj, map) builds its parsers with self.parser_class(self.adj).
+    server = create_server(app, ProxySettings(port=0, loopback_without_key=True), lambda: Keys(()))
+    ours, theirs = socket.socketpair()
+    try:
+        channel = server.channel_class(server, ours, ("127.0.0.1", 50000), server.adj, map={})
+        parser = channel.parser_class(channel.adj)
+        assert isinstance(parser, HTTPRequestParser)
+        assert parser.peer == "127.0.0.1"
+        channel.close()
+    finally:
+        theirs.close()
+        server.close()
