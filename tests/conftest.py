@@ -134,8 +134,11 @@ def write_config(directory: Path, profiles: dict[str, dict[str, Any]], *, proxy:
 
 def _port_base() -> int:
     # Spread test runs over 20000-31999 (below the OS's ephemeral ports) so that a leftover of
-    # one run cannot answer for the next.
-    return 20000 + (os.getpid() % 60) * 200
+    # one run cannot answer for the next. The two pytest-xdist workers of one run always get
+    # disjoint ranges (even and odd blocks): a port is checked free long before a backend such
+    # as TabbyAPI binds it, so two proxies sharing a range could both hand it out.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return 20000 + ((os.getpid() % 30) * 2 + (int(worker) % 2 if worker.isdigit() else 0)) * 200
 
 
 class ProxyProcess:

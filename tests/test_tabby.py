@@ -301,17 +301,22 @@ def test_in_place_loads_keep_the_profiles_settings(tabby: Start) -> None:
     proxy = tabby({"first": {**tabby_profile("fake-alpha", max_batch_size=7, cache_mode="Q8"), "resident_group": "g"},
                    "second": {**tabby_profile("fake-beta", max_batch_size=7, cache_mode="Q6"), "resident_group": "g"},
                    "third": {**tabby_profile("fake-gamma", max_batch_size=5), "resident_group": "g"}})
-    assert proxy.chat("second").status_code == 200
+    answer = proxy.chat("second")
+    assert answer.status_code == 200, answer.text
     fresh = backend_card(proxy, "second")["parameters"]
     assert fresh["max_batch_size"] == 7 and fresh["cache_mode"] == "Q6"
-    assert proxy.chat("first").status_code == 200
+    answer = proxy.chat("first")
+    assert answer.status_code == 200, answer.text
     pid = proxy.status("first")["pid"]
     assert backend_card(proxy, "first")["parameters"]["cache_mode"] == "Q8"
-    assert proxy.chat("second").status_code == 200
+    answer = proxy.chat("second")
+    assert answer.status_code == 200, answer.text
     assert proxy.status("second")["pid"] == pid
     assert backend_card(proxy, "second")["parameters"] == fresh  # in place, exactly what a fresh process gives
 
-    assert proxy.chat("third").status_code == 200
+    answer = proxy.chat("third")
+
+    assert answer.status_code == 200, answer.text
     assert proxy.status("third")["pid"] != pid  # max_batch_size differs: a load request cannot carry it
     assert backend_card(proxy, "third")["parameters"]["max_batch_size"] == 5
     assert "cannot change model.max_batch_size" in proxy.log()
@@ -321,7 +326,8 @@ def test_in_place_loads_keep_the_profiles_settings(tabby: Start) -> None:
 def test_failed_in_place_load_falls_back_to_a_fresh_process(tabby: Start) -> None:
     proxy = tabby({"first": {**tabby_profile("fake-alpha"), "resident_group": "g"},
                    "old": {**tabby_profile("fake-exl2"), "resident_group": "g"}})
-    assert proxy.chat("first").status_code == 200
+    answer = proxy.chat("first")
+    assert answer.status_code == 200, answer.text
     old_pid = proxy.status("first")["pid"]
     answer = proxy.chat("old")
     assert answer.status_code == 502  # the fresh process refuses it too: TabbyAPI's reason reaches the client
@@ -336,7 +342,8 @@ def test_in_place_load_progress_shows_in_status(tabby: Start) -> None:
     proxy = tabby({"first": {**tabby_profile("fake-alpha"), "resident_group": "g"},
                    "second": {**tabby_profile("fake-beta"), "resident_group": "g"}},
                   env={"FAKE_TABBY_LOAD_S": "2"})
-    assert proxy.chat("first").status_code == 200
+    answer = proxy.chat("first")
+    assert answer.status_code == 200, answer.text
     holder: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: holder.setdefault("r", proxy.chat("second")))
     thread.start()
