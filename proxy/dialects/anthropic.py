@@ -14,12 +14,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.dialects.backend import completion_tokens, error_message_from_upstream, prompt_tokens
+from proxy.dialects.backend import BackendChunks, completion_tokens, prompt_tokens
 from proxy.dialects.ollama import think_fields
 from proxy.dialects.samplers import SAMPLERS, SamplerNames
 from proxy.dialects.tools import backend_function
 from proxy.errors import BadRequest, UpstreamError
-from proxy.streaming import SSEParser
 
 ROLES = ("user", "assistant", "system")
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -298,10 +297,8 @@ class AnthropicEvents:
         self._model_name = model_name      # the profile, named in error messages
         self._input_tokens = input_tokens  # until the backend's usage says
         self._gather = gather
-        self._sse = SSEParser()
+        self._chunks = BackendChunks(model_name)
         self._started = False
-        self._ended = False                # [DONE] or an error was seen: nothing after it counts
-        self._error: UpstreamError | None = None
         self._blocks: list[dict[str, Any]] = []   # the content so far; tool_use input as its JSON text
         self._open: str | None = None              # the kind of the block being streamed, if any
         self._tool_blocks: dict[int, int] = {}     # backend tool-call index -> block index
@@ -312,8 +309,10 @@ class AnthropicEvents:
         self._deltas = 0
 
     def feed(self, data: bytes) -> bytes:
-        self._raise_pending()
-        return self._events(self._sse.feed(data))
+        out = b"".join([self.feed_chunk(chunk) for chunk in self._chunks.feed(data)])
+        if not out:
+            self._chunks.raise_pending()  # nothing to send first: an in-band error ends it now
+        return out
 
     def feed_chunk(self, chunk: Mapping[str, Any]) -> bytes:
         """Take one OpenAI chunk (already parsed) and return its events."""
@@ -340,9 +339,8 @@ class AnthropicEvents:
         return self._emit(out)
 
     def flush(self) -> bytes:
-        self._raise_pending()
-        out = self._events(self._sse.flush())
-        self._raise_pending()
+        out = b"".join([self.feed_chunk(chunk) for chunk in self._chunks.flush()])
+        self._chunks.raise_pending()
         events = [self._start(), self._close()]
         usage: dict[str, Any] = {"output_tokens": self._output_tokens()}
         if prompt_tokens(self._usage, self._timings):
@@ -457,29 +455,3 @@ class AnthropicEvents:
     def _emit(self, events: list[bytes]) -> bytes:
         return b"" if self._gather else b"".join(events)
 
-    def _events(self, events: list[str]) -> bytes:
-        out = []
-        for data in events:
-            if self._ended:
-                continue
-            if data == "[DONE]":
-                self._ended = True
-                continue
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue  # not JSON: nothing of ours
-            if isinstance(event, dict) and "error" in event:
-                self._error = UpstreamError(502, f"{self._model_name}: {error_message_from_upstream(data.encode(), 200)}")
-                self._ended = True
-                break
-            if isinstance(event, dict):
-                out.append(self.feed_chunk(event))
-        if self._error is not None and not any(out):
-            self._raise_pending()
-        return b"".join(out)
-
-    def _raise_pending(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error

@@ -1,11 +1,15 @@
-"""What every dialect reads from a backend's OpenAI-shaped answers: error bodies, a whole answer as
-one stream chunk, and the usage and timings that token counts and durations come from."""
+"""What every dialect reads from a backend's OpenAI-shaped answers: its stream as parsed chunks,
+error bodies, a whole answer as one stream chunk, and the usage and timings that token counts and
+durations come from."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from proxy.errors import UpstreamError
+from proxy.streaming import SSEParser
 
 
 def error_message_from_upstream(body: bytes, status: int) -> str:
@@ -71,3 +75,55 @@ def prompt_ns(usage: Mapping[str, Any], timings: Mapping[str, Any]) -> int:
 def generation_ns(usage: Mapping[str, Any], timings: Mapping[str, Any]) -> int:
     """Return the generation time: llama.cpp's predicted_ms or TabbyAPI's completion_time; 0 if absent."""
     return nanoseconds(timings.get("predicted_ms"), 1e6) or nanoseconds(usage.get("completion_time"), 1e9)
+
+
+class BackendChunks:
+    """A backend's chat stream as parsed OpenAI chunks, incrementally (every dialect's translator reads
+    one): SSE framing, `[DONE]` ends it, data that is not JSON is skipped, and an in-band
+    `{"error": ...}` becomes UpstreamError (502) naming the model.
+
+    An error found after some chunks is held, so that the translator's output for those leaves first:
+    the next feed() or flush() raises it, or the translator calls raise_pending() when it has nothing
+    to send now.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name  # the profile, named in error messages
+        self._sse = SSEParser()
+        self._ended = False  # [DONE] or an error was seen: nothing after it counts
+        self._error: UpstreamError | None = None
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self.raise_pending()
+        return self._chunks(self._sse.feed(data))
+
+    def flush(self) -> list[dict[str, Any]]:
+        self.raise_pending()
+        return self._chunks(self._sse.flush())
+
+    def raise_pending(self) -> None:
+        """Raise the in-band error found so far, if any (once)."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _chunks(self, events: list[str]) -> list[dict[str, Any]]:
+        chunks = []
+        for data in events:
+            if self._ended:
+                continue
+            if data == "[DONE]":
+                self._ended = True
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue  # not JSON: nothing of ours
+            if isinstance(event, dict) and "error" in event:
+                message = error_message_from_upstream(data.encode(), 200)
+                self._error = UpstreamError(502, f"{self._model_name}: {message}")
+                self._ended = True
+                break
+            if isinstance(event, dict):
+                chunks.append(event)
+        return chunks

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from proxy.dialects.backend import completion_tokens, error_message_from_upstream, generation_ns, prompt_ns, prompt_tokens
+from proxy.dialects.backend import BackendChunks, completion_tokens, generation_ns, prompt_ns, prompt_tokens
 from proxy.dialects.tools import ToolCall, ToolCallAssembler
 from proxy.errors import UpstreamError
-from proxy.streaming import SSEParser, ndjson
+from proxy.streaming import ndjson
 
 NEVER_S = 2 ** 63 / 1e9  # Ollama shows "forever" as now + 2^63 ns
 
@@ -197,13 +197,13 @@ class OllamaRecords:
         self._clock = clock
         self._model_name = model_name  # the profile, named in error messages
         self._gather = gather
-        self._sse = SSEParser()
-        self._ended = False  # [DONE] was seen: nothing after it counts
-        self._error: UpstreamError | None = None  # raised on the next call: the records before it leave first
+        self._chunks = BackendChunks(model_name)
 
     def feed(self, data: bytes) -> bytes:
-        self._raise_pending()
-        return self._events(self._sse.feed(data))
+        out = b"".join([self.feed_chunk(chunk) for chunk in self._chunks.feed(data)])
+        if not out:
+            self._chunks.raise_pending()  # nothing to send first: an in-band error ends it now
+        return out
 
     def feed_chunk(self, chunk: Mapping[str, Any]) -> bytes:
         """Take one OpenAI chunk (already parsed) and return its records."""
@@ -215,9 +215,8 @@ class OllamaRecords:
         return b"" if self._gather else b"".join(ndjson(record) for record in records)
 
     def flush(self) -> bytes:
-        self._raise_pending()
-        out = self._events(self._sse.flush())
-        self._raise_pending()
+        out = b"".join([self.feed_chunk(chunk) for chunk in self._chunks.flush()])
+        self._chunks.raise_pending()
         if self._gather:
             return out
         now_ns, wall_ns = self._clock()
@@ -234,30 +233,3 @@ class OllamaRecords:
             return self._stream.aggregate(load_ns=self._load_ns, now_ns=now_ns, wall_ns=wall_ns)
         except ValueError as exc:
             raise UpstreamError(502, f"{self._model_name}: {exc}") from exc
-
-    def _events(self, events: list[str]) -> bytes:
-        out = []
-        for data in events:
-            if self._ended:
-                continue
-            if data == "[DONE]":
-                self._ended = True
-                continue
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue  # not JSON: nothing of ours
-            if isinstance(event, dict) and "error" in event:
-                self._error = UpstreamError(502, f"{self._model_name}: {error_message_from_upstream(data.encode(), 200)}")
-                self._ended = True
-                break
-            if isinstance(event, dict):
-                out.append(self.feed_chunk(event))
-        if self._error is not None and not out:
-            self._raise_pending()
-        return b"".join(out)
-
-    def _raise_pending(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error

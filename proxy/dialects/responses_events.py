@@ -11,9 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.dialects.backend import completion_tokens, error_message_from_upstream, prompt_tokens
+from proxy.dialects.backend import BackendChunks, completion_tokens, prompt_tokens
 from proxy.errors import ProxyError, UpstreamError
-from proxy.streaming import SSEParser
 
 
 def response_skeleton(body: Mapping[str, Any], *, response_id: str, created_at: int, model: str) -> dict[str, Any]:
@@ -63,11 +62,9 @@ class ResponsesEvents:
         self._model_name = model_name  # the profile, named in error messages
         self._gather = gather
         self._base = str(skeleton["id"]).removeprefix("resp_")
-        self._sse = SSEParser()
+        self._chunks = BackendChunks(model_name)
         self._sequence = 0
         self._begun = False
-        self._ended = False  # [DONE] or an error was seen: nothing after it counts
-        self._error: UpstreamError | None = None  # raised on the next call: the events before it leave first
         self._output: list[dict[str, Any]] = []
         self._positions: dict[str, int] = {}       # item id -> its output_index
         self._open: dict[str, Any] | None = None   # the output item in progress
@@ -79,12 +76,19 @@ class ResponsesEvents:
     # -- StreamTransform --
 
     def feed(self, data: bytes) -> bytes:
-        self._raise_pending()
-        return self._events(self._sse.feed(data))
+        out = b"".join([self._begin(), *(self.feed_chunk(chunk) for chunk in self._chunks.feed(data))])
+        if not out:
+            self._chunks.raise_pending()  # nothing to send first: an in-band error ends it now
+        return out
 
     def flush(self) -> bytes:
-        self._raise_pending()
-        out = self._events(self._sse.flush())  # at most one event: never output and an error both
+        out = b"".join([self._begin(), *(self.feed_chunk(chunk) for chunk in self._chunks.flush())])
+        try:
+            self._chunks.raise_pending()
+        except UpstreamError as error:
+            if self._gather or not out:
+                raise
+            return out + self.failed_event(error)  # what was made ready leaves, then the failure
         out += self._close()
         status = self._status()
         return out + self._emit({"type": f"response.{status}", "response": self.snapshot(status)})
@@ -247,30 +251,3 @@ class ResponsesEvents:
 
     # -- the backend's events --
 
-    def _events(self, events: list[str]) -> bytes:
-        out = [self._begin()]
-        for data in events:
-            if self._ended:
-                continue
-            if data == "[DONE]":
-                self._ended = True
-                continue
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue  # not JSON: nothing of ours
-            if isinstance(event, dict) and "error" in event:
-                message = error_message_from_upstream(data.encode(), 200)
-                self._error = UpstreamError(502, f"{self._model_name}: {message}")
-                self._ended = True
-                break
-            if isinstance(event, dict):
-                out.append(self.feed_chunk(event))
-        if self._error is not None and not any(out):
-            self._raise_pending()
-        return b"".join(out)
-
-    def _raise_pending(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
