@@ -28,7 +28,7 @@ CHANGED: dict[str, Any] = {
     "connect_timeout": 6, "read_timeout": 31, "backend_ports": "6000-6099", "profiles_dir": "profiles",
     "api_tokens": "other_tokens.yml", "state_dir": "other_run", "disable_auth": True, "tabby_dir": "tabby",
     "max_body_mb": 65, "max_answer_mb": 257, "max_concurrent": 2, "max_queue": 10, "drain_timeout": 31,
-    "cors_origins": ["https://chat.example.org"], "log_bodies": True, "ollama_version": "0.12.7",
+    "cors_origins": ["https://chat.example.org"], "log_bodies": True, "loopback_without_key": True, "ollama_version": "0.12.7",
     "tabby_auth": "keys", "tabby_python": "python3",
 }
 
