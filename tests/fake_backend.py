@@ -25,11 +25,20 @@ Opt-in flags for the Ollama routes (each off by default):
                      whether the proxy's connection was gone by the time it was ready ("abandoned")
   --echo-uploads     the pass-through routes (rerank, audio, images, token) answer what arrived:
                      path, size, Content-Type and SHA-256 of the body
+
+Fake VRAM (with FAKE_NVML_DIR set: the fake GPUs of tests/fake_nvml; ignored without it):
+  --vram SPEC        after --startup-delay, before serving, take this much memory: "2GiB" on the
+                     first device of CUDA_VISIBLE_DEVICES (else GPU 0), or "0:2GiB,1:1GiB" by CUDA
+                     index (into CUDA_VISIBLE_DEVICES when set). Sizes: 2GiB, 512MiB, 1.5GiB,
+                     1GB (decimal), bytes. If it does not fit: a torch-style "CUDA out of memory"
+                     line on stderr and exit status 1. Taken before --exit-during-startup exits
+  --vram-release-s S once this process is gone its memory stays used S seconds more
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -59,7 +68,99 @@ def parse_args(argv=None):
     p.add_argument("--embedding-dims", type=int, default=3)
     p.add_argument("--answer-delay", type=float, default=0.0)
     p.add_argument("--echo-uploads", action="store_true")
+    p.add_argument("--vram", type=parse_vram, default=None)
+    p.add_argument("--vram-release-s", type=float, default=0.0)
     return p.parse_args(argv)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+              "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_size(text):
+    """Bytes for "2GiB", "512MiB", "1.5GiB", "1GB" (decimal) or "1048576"."""
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if unit not in SIZE_UNITS or not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f'expected a size like "2GiB", "512MiB", "1GB" or bytes, got {text!r}')
+    return int(value * SIZE_UNITS[unit])
+
+
+def parse_vram(text):
+    """{CUDA device index (None: the first visible one): bytes} for "2GiB" or "0:2GiB,1:1GiB"."""
+    if ":" not in text:
+        return {None: parse_size(text)}
+    need = {}
+    for part in text.split(","):
+        index, _, size = part.partition(":")
+        if not index.strip().isdigit():
+            raise argparse.ArgumentTypeError(f'expected "2GiB" or "0:2GiB,1:1GiB", got {text!r}')
+        need[int(index)] = need.get(int(index), 0) + parse_size(size)
+    return need
+
+
+def visible_devices():
+    """Physical GPU indices in CUDA order: CUDA_VISIBLE_DEVICES's, or None (all, as numbered)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    physical = []
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not entry.isdigit():
+            break  # CUDA ignores the list from the first entry it cannot parse
+        physical.append(int(entry))
+    return physical
+
+
+def torch_size(size):
+    """A size as torch's out-of-memory message prints it: "2.00 GiB", "512.00 MiB"."""
+    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if size > scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} bytes"
+
+
+def take_vram(need, release_s):
+    """Register this process's VRAM with the fake GPUs, or exit 1 as torch does when it does not fit."""
+    folder = os.environ.get("FAKE_NVML_DIR")
+    if not folder:
+        return
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_nvml"))
+    import fake_gpu
+
+    physical = visible_devices()
+    if physical == []:
+        print("RuntimeError: No CUDA GPUs are available", file=sys.stderr, flush=True)
+        sys.exit(1)
+    by_physical, logical_of = {}, {}
+    for logical, size in need.items():
+        logical = 0 if logical is None else logical
+        if physical is not None and logical >= len(physical):
+            print("RuntimeError: CUDA error: invalid device ordinal", file=sys.stderr, flush=True)
+            sys.exit(1)
+        index = logical if physical is None else physical[logical]
+        by_physical[index] = by_physical.get(index, 0) + size
+        logical_of[index] = logical
+    short = fake_gpu.allocate(os.getpid(), by_physical, release_s, folder)
+    if short is None:
+        print("vram: " + ", ".join(f"{torch_size(size)} on GPU {index}" for index, size in sorted(by_physical.items())),
+              flush=True)
+        return
+    state = fake_gpu.devices(folder)
+    if short >= len(state):
+        print("RuntimeError: CUDA error: invalid device ordinal", file=sys.stderr, flush=True)
+        sys.exit(1)
+    device = state[short]
+    print(f"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate {torch_size(by_physical[short])}. "
+          f"GPU {logical_of[short]} has a total capacity of {torch_size(device['total'])} of which "
+          f"{torch_size(device['free'])} is free. Including non-PyTorch memory, this process has 0 bytes "
+          "memory in use.", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 ECHOED = ("/v1/rerank", "/rerank", "/v1/audio/transcriptions", "/v1/audio/speech", "/v1/images/generations",
@@ -328,6 +429,8 @@ def main(argv=None):
 
     if ARGS.startup_delay > 0:
         time.sleep(ARGS.startup_delay)
+    if ARGS.vram is not None:
+        take_vram(ARGS.vram, ARGS.vram_release_s)
     if ARGS.exit_during_startup:
         print("fatal: simulated start failure", file=sys.stderr, flush=True)
         sys.exit(3)
