@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 
+from proxy.memory import Need
 from proxy.scheduling import (
     TRANSITIONS,
     Decision,
@@ -16,6 +17,8 @@ from proxy.scheduling import (
     Eviction,
     Fits,
     Grant,
+    Never,
+    Refuse,
     ModelView,
     NotYet,
     Snapshot,
@@ -177,3 +180,122 @@ ALLOWED = {
                          ids=lambda state: state.value)
 def test_transitions_table(previous: State, state: State) -> None:
     assert (state in TRANSITIONS[previous]) is ((previous, state) in ALLOWED)
+
+
+# ----- memory: budgets, footprints, placement, pinning ---------------------------------------------
+
+GiB = 1024 ** 3
+
+
+def g(name: str, vram: float, state: State = READY, *, on: int | None = 0, gpus: tuple[int, ...] | None = None,
+      leases: int = 0, last_used: float = 0.0, pinned: bool = False, ram: float = 0) -> ModelView:
+    """A model needing `vram` GiB (and `ram` GiB); while loaded it holds them on GPU `on` (or its `gpus`)."""
+    need = Need(vram=int(vram * GiB), ram=int(ram * GiB), gpus=gpus, source="declared")
+    holds = need.on(gpus or ((on,) if on is not None else ())) if state in (STARTING, READY, STOPPING) else {}
+    return ModelView(name, state, leases=leases, last_used=last_used, need=need, holds=holds, pinned=pinned)
+
+
+def budget(*sizes: float, ram: float | None = None, max_loaded: int = 9) -> dict[str, object]:
+    budgets = {f"gpu{index}": int(size * GiB) for index, size in enumerate(sizes)}
+    if ram is not None:
+        budgets["ram"] = int(ram * GiB)
+    return {"budgets": budgets, "max_loaded": max_loaded}
+
+
+def msnap(*models: ModelView, queue: str, budgets: dict[str, int], max_loaded: int = 9) -> Snapshot:
+    return Snapshot({model.name: model for model in models}, tuple(queue), max_loaded, 0, budgets)
+
+
+def on_gpu(index: int, size: float) -> dict[str, int]:
+    return {f"gpu{index}": int(size * GiB)}
+
+
+@pytest.mark.parametrize("models, queue, limits, expected", [
+    pytest.param([g("a", 10), g("b", 10, STOPPED)], "b", budget(24), Fits(on_gpu(0, 10)),
+                 id="fits-beside-a-loaded-model"),
+    pytest.param([g("a", 10, last_used=2), g("b", 10, last_used=1), g("c", 10, STOPPED)], "c", budget(24),
+                 Evict("b", busy=False), id="evicts-the-lru-idle-model-when-memory-is-short"),
+    pytest.param([g("a", 20, last_used=1), g("b", 2, last_used=2), g("c", 10, STOPPED)], "c", budget(24),
+                 Evict("a", busy=False), id="evicts-only-what-makes-room"),
+    pytest.param([g("a", 12, last_used=1, leases=1), g("b", 10, last_used=2), g("c", 10, STOPPED)], "c",
+                 budget(24), Evict("b", busy=False), id="idle-before-busy"),
+    pytest.param([g("a", 12, leases=1, last_used=1), g("b", 10, leases=2, last_used=2), g("c", 10, STOPPED)], "c",
+                 budget(24), Evict("a", busy=True), id="drains-a-busy-one-never-cuts-it"),
+    pytest.param([g("a", 12, pinned=True), g("b", 10, last_used=5), g("c", 10, STOPPED)], "c", budget(24),
+                 Evict("b", busy=False), id="spares-a-pinned-model"),
+    pytest.param([g("a", 12, pinned=True), g("c", 20, STOPPED)], "c", budget(24),
+                 Never("c needs 20 GiB on gpu0 (declared footprint) and cannot fit on it: gpu0 has 24 GiB, "
+                       "12 GiB of it pinned"), id="refuses-what-only-evicting-a-pinned-model-would-fit"),
+    pytest.param([g("a", 4), g("c", 30, STOPPED)], "c", budget(24),
+                 Never("c needs 30 GiB on gpu0 (declared footprint) and cannot fit on it: gpu0 has 24 GiB"),
+                 id="refuses-what-can-never-fit-and-evicts-nothing"),
+    pytest.param([g("a", 4, on=0), g("b", 4, on=1), g("c", 18, STOPPED, on=None)], "c", budget(24, 24),
+                 Fits(on_gpu(0, 18)), id="placed-on-the-first-gpu-where-it-fits"),
+    pytest.param([g("a", 8, on=0), g("b", 4, on=1), g("c", 14, STOPPED, on=None)], "c", budget(24, 24),
+                 Fits(on_gpu(0, 14)), id="best-fit-the-gpu-left-with-the-least-room"),
+    pytest.param([g("a", 20, on=0), g("b", 4, on=1), g("c", 10, STOPPED, on=None)], "c", budget(24, 24),
+                 Fits(on_gpu(1, 10)), id="the-gpu-where-it-fits-without-eviction"),
+    pytest.param([g("a", 20, on=0, last_used=1), g("b", 16, on=1, last_used=2), g("c", 10, STOPPED, on=None)],
+                 "c", budget(24, 24), Evict("a", busy=False), id="several-gpus-evicts-on-the-best-one"),
+    pytest.param([g("a", 20, on=0, last_used=1), g("b", 16, on=1, last_used=2, leases=1),
+                  g("c", 10, STOPPED, on=None)], "c", budget(24, 24), Evict("a", busy=False),
+                 id="prefers-the-gpu-where-an-idle-model-can-go"),
+    pytest.param([g("a", 20, on=0, leases=1), g("b", 20, on=1, last_used=2), g("c", 10, STOPPED, gpus=(0,))],
+                 "c", budget(24, 24), Evict("a", busy=True), id="a-declared-gpu-is-where-it-goes"),
+    pytest.param([g("a", 8, on=0), g("b", 8, on=1), g("c", 30, STOPPED, gpus=(0, 1))], "c", budget(24, 24),
+                 Fits({"gpu0": 15 * GiB, "gpu1": 15 * GiB}), id="a-split-across-two-gpus-fits"),
+    pytest.param([g("a", 12, on=0, last_used=1), g("b", 8, on=1, last_used=2), g("c", 30, STOPPED, gpus=(0, 1))],
+                 "c", budget(24, 24), Evict("a", busy=False), id="a-split-evicts-where-it-is-short"),
+    pytest.param([g("a", 0, ram=6, on=None), g("b", 0, ram=6, on=None, last_used=1), g("c", 0, STOPPED, ram=6)],
+                 "c", budget(ram=12), Evict("a", busy=False), id="ram-budget"),
+    pytest.param([g("a", 0, ram=6, on=None), g("c", 10, STOPPED, on=None)], "c", budget(24, ram=6),
+                 Fits(on_gpu(0, 10)), id="ram-and-vram-are-separate-budgets"),
+    pytest.param([g("a", 4), g("b", 4, last_used=1), g("c", 4, STOPPED)], "c", budget(24, max_loaded=2),
+                 Evict("a", busy=False), id="max-loaded-models-still-applies"),
+    pytest.param([g("a", 4, last_used=1), g("b", 18, last_used=2, on=1), g("c", 10, STOPPED, gpus=(1,))],
+                 "c", budget(24, 24, max_loaded=2), Evict("b", busy=False),
+                 id="one-victim-serves-count-and-memory-none-wasted"),
+    pytest.param([g("a", 12, last_used=1), g("b", 10, last_used=2), g("c", 10, STOPPED)], "ac", budget(24),
+                 Evict("b", busy=False), id="a-model-a-ticket-ahead-wants-is-spared"),
+    pytest.param([g("a", 12, STOPPING), g("c", 20, STOPPED)], "c", budget(24),
+                 NotYet("a start or a stop is under way; decide when it is done"), id="waits-for-a-stop-to-finish"),
+    pytest.param([g("a", 12, STOPPING, on=1), g("c", 20, STOPPED, gpus=(0,))], "c", budget(24, 24),
+                 Fits(on_gpu(0, 20)), id="a-stop-on-another-gpu-does-not-hold-it-up"),
+    pytest.param([g("a", 20, pinned=True), g("b", 0, STOPPED, on=None)], "b", budget(24),
+                 Fits({}), id="an-unknown-footprint-counts-as-nothing"),
+])
+def test_memory_eviction(models: list[ModelView], queue: str, limits: dict[str, object], expected: Eviction) -> None:
+    snapshot = msnap(*models, queue=queue, **limits)  # type: ignore[arg-type]
+    position = head(snapshot)
+    assert position is not None
+    assert eviction_for(snapshot, position) == expected
+
+
+def test_eviction_says_why_it_chose_its_victim() -> None:
+    snapshot = msnap(g("a", 10, last_used=2), g("b", 10, last_used=1), g("c", 10, STOPPED), queue="c",
+                     **budget(24))  # type: ignore[arg-type]
+    eviction = eviction_for(snapshot, 0)
+    assert isinstance(eviction, Evict)
+    assert eviction.why == "the least recently used idle model on gpu0; c needs 10 GiB on gpu0, 4 GiB of 24 GiB free on gpu0"
+    assert decide(snapshot, 0) == Stop("b")
+
+
+def test_a_pinned_model_taking_every_slot_refuses_the_others() -> None:
+    snapshot = msnap(g("a", 1, pinned=True), g("b", 1, STOPPED), queue="b", **budget(24, max_loaded=1))  # type: ignore[arg-type]
+    assert decide(snapshot, 0) == Refuse("b: 1 pinned model(s) (a) take every one of proxy.max_loaded_models (1)")
+
+
+def test_without_budgets_memory_is_not_counted() -> None:
+    snapshot = snap(g("a", 100), g("b", 100, STOPPED), queue="b", max_loaded=2)
+    assert decide(snapshot, 0) == Start()
+
+
+def test_a_memory_swap_step_by_step() -> None:
+    """Two 14 GiB models on one 24 GiB GPU: the second evicts the first once it is idle, then starts."""
+    limits = budget(24)
+    busy = msnap(g("a", 14, leases=1), g("b", 14, STOPPED), queue="b", **limits)  # type: ignore[arg-type]
+    assert decide(busy, 0) == Wait("a finishes its requests first")
+    idle = msnap(g("a", 14), g("b", 14, STOPPED), queue="b", **limits)  # type: ignore[arg-type]
+    assert decide(idle, 0) == Stop("a")
+    gone = msnap(g("a", 14, STOPPED), g("b", 14, STOPPED), queue="b", **limits)  # type: ignore[arg-type]
+    assert decide(gone, 0) == Start(on_gpu(0, 14))
