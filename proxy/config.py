@@ -90,6 +90,7 @@ def load_config(path: str | Path, *, empty_ok: bool = True) -> Config:
     defaults = [model.name for model in models.values() if model.is_default]
     if len(defaults) > 1:
         raise ConfigError(f"{proxy.profiles_dir}: more than one profile says default: true: {', '.join(defaults)}")
+    _check_memory(path, proxy, models)
     return Config(
         path=path,
         proxy=proxy,
@@ -110,3 +111,14 @@ def _names(models: Mapping[str, ModelConfig]) -> dict[str, str]:
                 key = "aliases" if name in model.aliases else "the file name"
                 raise ConfigError(f"{model.source}: {key}: name {name!r} is already used by profile {owner!r}")
     return names
+
+
+def _check_memory(path: Path, proxy: ProxySettings, models: Mapping[str, ModelConfig]) -> None:
+    """Refuse a preload of an unknown model, and pins that would leave no room for any other model."""
+    for name in proxy.preload:
+        if name not in models:
+            raise ConfigError(f"{path}: proxy.preload: no profile named {name!r} (known: {', '.join(models) or 'none'})")
+    pinned = [model.name for model in models.values() if model.pinned]
+    if pinned and len(pinned) < len(models) and len(pinned) >= proxy.max_loaded_models:
+        raise ConfigError(f"{path}: proxy.max_loaded_models is {proxy.max_loaded_models} but {len(pinned)} profile(s) "
+                          f"are pinned ({', '.join(pinned)}): no other model could ever load; raise max_loaded_models")

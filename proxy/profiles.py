@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy.config_node import ConfigError, ConfigNode, read_yaml
+from proxy.memory import Need, parse_size
 
 TABBY_SECTIONS = (
     "network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer", "memory",
@@ -60,6 +61,10 @@ PROFILE_KEYS = (
                                          "and swap in place"),
     ProfileKey("tabby_config", "none", "`tabbyapi` only: extra TabbyAPI config sections, merged verbatim into the "
                                        "generated file"),
+    ProfileKey("footprint", "learned or estimated", "the memory it takes once loaded, when the proxy counts memory "
+                                                   "(`proxy.gpus`, `proxy.ram_budget`), see below"),
+    ProfileKey("pinned", "`false`", "never evicted for another model; only `/unload`, a reload that changes it, "
+                                    "or shutdown stops it"),
     ProfileKey("llamacpp", "none", "`llamacpp` only: the GGUF and how to run it, see below"),
     ProfileKey("command", "none", "`command` only: the server's command line and readiness, see below"),
 )  # and TabbyAPI's sections (TABBY_SECTIONS), merged over config.yml's
@@ -74,6 +79,13 @@ LLAMACPP_KEYS = (
     ProfileKey("n_gpu_layers", "llama.cpp's", "layers to offload"),
     ProfileKey("embedding", "`false`", "also serve embeddings (mean pooling); without it `/v1/embeddings`, "
                                        "`/api/embed` and `/api/embeddings` answer 400 without loading the model"),
+)
+FOOTPRINT_KEYS = (
+    ProfileKey("vram", "none", 'GPU memory: a size (`"22GiB"`, `"512MiB"`, `"24GB"`), or a list of sizes, one per '
+                               "device in `gpus`"),
+    ProfileKey("gpus", "the one where it fits best", "the GPU indices it runs on (all of them: a split); the "
+                                                     "backend is told them (`CUDA_VISIBLE_DEVICES`)"),
+    ProfileKey("ram", "none", "system memory, for CPU backends (counted against `proxy.ram_budget`)"),
 )
 COMMAND_KEYS = (
     ProfileKey("cmd", "required", "a string (split like a shell does, but no shell runs) or a list; must contain "
@@ -162,6 +174,9 @@ class ModelConfig:
     context_length: int | None = None
     license: str = ""
     resident_group: str | None = None  # tabbyapi profiles sharing one process, swapped in place
+    footprint: Need | None = None      # declared; None: learned or estimated (proxy/footprints.py)
+    pinned: bool = False
+    devices: tuple[int, ...] | None = None  # the GPUs the scheduler placed it on: set on the launcher's copy only
 
     @property
     def upstream_model(self) -> str:
@@ -225,6 +240,8 @@ def read_profile(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConfi
         context_length=context_length,
         license=node.get("license", str, ""),
         resident_group=resident_group,
+        footprint=_footprint(node.child("footprint")) if node.value.get("footprint") is not None else None,
+        pinned=node.get("pinned", bool, False),
     )
 
 
@@ -277,6 +294,33 @@ def _details(node: ConfigNode) -> Details:
         size=sizes["size"],
         size_vram=sizes["size_vram"],
     )
+
+
+def _footprint(node: ConfigNode) -> Need:
+    node.reject_unknown(_names(FOOTPRINT_KEYS))
+    gpus = node.get("gpus", (list, int), None)
+    gpus = [gpus] if isinstance(gpus, int) else gpus
+    if gpus is not None and (not gpus or len(set(gpus)) != len(gpus)
+                             or not all(isinstance(index, int) and not isinstance(index, bool) and index >= 0
+                                        for index in gpus)):
+        raise node.fail("gpus", f"expected GPU indices (0, 1, ...), each once, got {gpus!r}")
+    vram = node.value.get("vram")
+    split = None
+    try:
+        if isinstance(vram, list):
+            split = tuple(parse_size(size) for size in vram)
+            if gpus is None or len(gpus) != len(split):
+                raise node.fail("vram", f"a list of sizes needs `gpus` with one index per size, got {vram!r}")
+        total = sum(split) if split is not None else (0 if vram is None else parse_size(vram))
+    except ValueError as exc:
+        raise node.fail("vram", str(exc)) from None
+    try:
+        ram = parse_size(node.value.get("ram", 0))
+    except ValueError as exc:
+        raise node.fail("ram", str(exc)) from None
+    if not total and not ram:
+        raise node.fail("vram", "a footprint needs `vram`, `ram` or both")
+    return Need(total, ram, None if gpus is None else tuple(gpus), split, "declared")
 
 
 def _template(node: ConfigNode) -> Template:

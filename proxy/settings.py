@@ -6,12 +6,14 @@ section, its unknown-key errors, the reloader's restart-only list and the README
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 from proxy.config_node import ConfigNode
+from proxy.memory import parse_size
 
 DEFAULT_OLLAMA_VERSION = "0.13.5"  # what /api/version reports; clients enable features by it (Codex: >= 0.13.4)
 
@@ -129,6 +131,46 @@ def _semver(reading: Reading, key: str, default: Any) -> str:
     return version
 
 
+def _size(reading: Reading, key: str, default: Any) -> int | None:
+    value = reading.node.value.get(key)
+    if value is None:
+        declared: int | None = default
+        return declared
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise reading.node.fail(key, str(exc)) from None
+
+
+def _gpus(reading: Reading, key: str, default: Any) -> Mapping[int, int | None] | str | None:
+    """Read `gpus`: `auto` (every GPU NVML sees), or per device index a size or `auto` (None here)."""
+    value = reading.node.value.get(key)
+    if value is None or value == "auto":
+        chosen: Mapping[int, int | None] | str | None = value
+        return chosen
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else None
+    if not items:
+        raise reading.node.fail(key, f'expected auto, or sizes per GPU index like {{0: "23.5GiB", 1: auto}}, '
+                                     f"got {value!r}")
+    budgets: dict[int, int | None] = {}
+    for index, size in items:
+        if isinstance(index, bool) or not (isinstance(index, int) or str(index).isdigit()):
+            raise reading.node.fail(key, f"expected GPU indices (0, 1, ...) as keys, got {index!r}")
+        try:
+            budgets[int(index)] = None if size == "auto" else parse_size(size)
+        except ValueError as exc:
+            raise reading.node.fail(f"{key}.{index}", f"{exc} or auto") from None
+    return MappingProxyType(budgets)
+
+
+def _names(reading: Reading, key: str, default: Any) -> tuple[str, ...]:
+    names = reading.node.get(key, (list, str), default)
+    names = [names] if isinstance(names, str) else names
+    if not all(isinstance(name, str) and name for name in names):
+        raise reading.node.fail(key, f"expected a list of model names, got {names!r}")
+    return tuple(names)
+
+
 # Every request in progress holds a thread, a waiting one included: the reserve keeps some for
 # /health and admin routes, and a queue longer than the request slots could never fill.
 
@@ -215,7 +257,21 @@ class ProxySettings:
         doc="seconds from the end of a request's headers until its whole body has arrived; a slower one is closed")
     unload_timer_s: float = setting("unload_timer", 300.0, _duration, shown="`5m` (300 s)",
                                     doc="default idle time before unloading a model; negative means never")
-    max_loaded_models: int = setting("max_loaded_models", 1, _positive_int, doc="models resident at once")
+    max_loaded_models: int = setting("max_loaded_models", 1, _positive_int,
+                                     doc="models resident at once (with budgets, an extra limit beside memory)")
+    gpus: Mapping[int, int | None] | str | None = setting(
+        "gpus", None, _gpus, shown="none (memory is not counted)",
+        doc='the GPU memory models may take, per device index: `{0: "23.5GiB", 1: auto}`, or `auto` for every GPU; '
+            "`auto` is the total NVML reports less `gpu_reserve`. With it, a model starts only when its footprint "
+            "fits (see Memory)")
+    gpu_reserve: int = setting("gpu_reserve", 512 * 1024 ** 2, _size, shown="`512MiB`",
+                               doc="memory kept free on each `auto` GPU (the desktop, CUDA contexts of others)")
+    ram_budget: int | None = setting("ram_budget", None, _size, shown="none (not counted)",
+                                     doc="the memory models with a `ram` footprint may take together (`16GiB`)")
+    preload: tuple[str, ...] = setting(
+        "preload", (), _names, shown="none",
+        doc="models started at start-up, in order, while they fit without evicting anything, and started again "
+            "after a crash")
     startup_timeout_s: float = setting("startup_timeout", 600.0, _positive,
                                        doc="seconds a backend may take to become ready")
     stop_grace_s: float = setting("stop_grace", 10.0, _positive,

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from proxy.config import Config, ConfigError, ProxySettings, load_config
+from proxy.memory import Need
 from tests.conftest import fake_profile, write_config
 
 
@@ -238,6 +239,28 @@ CONFIG = "config.yml"  # placeholder for the config file's path in the expected 
         pytest.param("", {"-dash.yml": "description: x\n"}, ["-dash.yml", "file name"], id="profile-name-dash"),
         pytest.param("", {"a.yml": "backend: [unclosed\n"}, ["a.yml", "invalid YAML"], id="invalid-yaml-profile"),
         pytest.param("", {"a.yml": "- backend\n"}, ["a.yml", "mapping"], id="profile-not-a-mapping"),
+        pytest.param("proxy:\n  gpus: lots\n", {}, [CONFIG, "proxy.gpus", "'lots'"], id="gpus-garbage"),
+        pytest.param("proxy:\n  gpus: {0: 24 bananas}\n", {}, [CONFIG, "proxy.gpus.0", "'24 bananas'", "or auto"],
+                     id="gpus-bad-size"),
+        pytest.param("proxy:\n  gpus: {first: 24GiB}\n", {}, [CONFIG, "proxy.gpus", "'first'"], id="gpus-bad-index"),
+        pytest.param("proxy:\n  ram_budget: -1GiB\n", {}, [CONFIG, "proxy.ram_budget", "'-1GiB'"],
+                     id="ram-budget-negative"),
+        pytest.param("proxy:\n  preload: [nope]\n", {"a.yml": "description: x\n"},
+                     [CONFIG, "proxy.preload", "'nope'", "a"], id="preload-unknown-model"),
+        pytest.param("", {"a.yml": "footprint:\n  vram: huge\n"}, ["a.yml", "footprint.vram", "'huge'"],
+                     id="footprint-bad-size"),
+        pytest.param("", {"a.yml": "footprint:\n  vram: [10GiB, 12GiB]\n  gpus: [0]\n"},
+                     ["a.yml", "footprint.vram", "one index per size"], id="footprint-split-without-its-gpus"),
+        pytest.param("", {"a.yml": "footprint:\n  vram: 10GiB\n  gpus: [0, 0]\n"},
+                     ["a.yml", "footprint.gpus", "[0, 0]"], id="footprint-gpu-twice"),
+        pytest.param("", {"a.yml": "footprint:\n  gpus: [0]\n"}, ["a.yml", "footprint.vram", "needs"],
+                     id="footprint-empty"),
+        pytest.param("", {"a.yml": "footprint:\n  vram: 1GiB\n  vrm: 2GiB\n"},
+                     ["a.yml", "footprint.vrm", "unknown key"], id="footprint-unknown-key"),
+        pytest.param("", {"a.yml": "pinned: sure\n"}, ["a.yml", "pinned", "'sure'"], id="pinned-not-bool"),
+        pytest.param("", {"a.yml": "pinned: true\n", "b.yml": "description: x\n"},
+                     [CONFIG, "max_loaded_models is 1", "pinned (a)", "no other model could ever load"],
+                     id="pins-leave-no-room"),
     ],
 )
 def test_invalid_config_raises_config_error_naming_file_key_and_value(
@@ -376,3 +399,24 @@ def test_config_yml_model_name_does_not_become_every_profiles_model(tmp_path: Pa
 
     assert models["a"].upstream_model == "a"
     assert models["b"].upstream_model == "b"
+
+
+def test_memory_settings_and_footprints_are_read(tmp_path: Path) -> None:
+    path = write_files(tmp_path, "proxy:\n  gpus: {0: 23.5GiB, '1': auto}\n  gpu_reserve: 1GiB\n"
+                                 "  ram_budget: 16GB\n  max_loaded_models: 3\n  preload: [embed]\n", {
+        "big.yml": "footprint:\n  vram: [12GiB, 10GiB]\n  gpus: [0, 1]\n",
+        "embed.yml": "pinned: true\nfootprint:\n  ram: 512MiB\n",
+        "plain.yml": "description: x\n",
+    })
+
+    config = load_config(path)
+
+    assert dict(config.proxy.gpus) == {0: int(23.5 * 1024 ** 3), 1: None}  # type: ignore[arg-type]
+    assert (config.proxy.gpu_reserve, config.proxy.ram_budget) == (1024 ** 3, 16 * 1000 ** 3)
+    assert config.proxy.preload == ("embed",)
+    assert config.models["big"].footprint == Need(22 * 1024 ** 3, 0, (0, 1), (12 * 1024 ** 3, 10 * 1024 ** 3),
+                                                  "declared")
+    assert config.models["embed"].footprint == Need(0, 512 * 1024 ** 2, None, None, "declared")
+    assert config.models["embed"].pinned and not config.models["big"].pinned
+    assert config.models["plain"].footprint is None
+    assert load_config(write_files(tmp_path / "auto", "proxy:\n  gpus: auto\n")).proxy.gpus == "auto"

@@ -29,7 +29,8 @@ CHANGED: dict[str, Any] = {
     "api_tokens": "other_tokens.yml", "state_dir": "other_run", "disable_auth": True, "tabby_dir": "tabby",
     "max_body_mb": 65, "max_answer_mb": 257, "max_concurrent": 2, "max_queue": 10, "drain_timeout": 31,
     "cors_origins": ["https://chat.example.org"], "log_bodies": True, "loopback_without_key": True, "ollama_version": "0.12.7",
-    "tabby_auth": "keys", "tabby_python": "python3",
+    "tabby_auth": "keys", "tabby_python": "python3", "gpus": {0: "20GiB"}, "gpu_reserve": "1GiB",
+    "ram_budget": "8GiB", "preload": ["a"],
 }
 
 
@@ -93,6 +94,7 @@ def test_a_reload_applies_every_reloadable_key_and_keeps_and_names_the_restart_o
             old, new = getattr(config.proxy, setting.attr), getattr(read, setting.attr)
             assert new != old, f"CHANGED[{setting.key!r}] changes nothing"
             assert getattr(manager.config.proxy, setting.attr) == (new if setting.reload else old), setting.key
+        assert manager.budgets() == {"gpu0": 20 * 1024 ** 3, "ram": 8 * 1024 ** 3}  # the memory budgets apply at once
         [warning] = [record.getMessage() for record in caplog.records if "restart the proxy" in record.getMessage()]
         assert warning == f"proxy.{', proxy.'.join(RESTART_ONLY)} changed: restart the proxy to apply"
     finally:
