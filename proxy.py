@@ -19,8 +19,10 @@ from typing import Any
 from proxy.app import create_app
 from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
 from proxy.config import ConfigError, load_config
+from proxy.footprints import Memory
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
+from proxy.nvml import Gpus
 from proxy.reloader import Reloader
 from proxy.server import create_server
 from proxy.sessions import ChildRegistry, StateDirInUse, lock_state_dir
@@ -71,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     registry = ChildRegistry(config.proxy.state_dir / "backends.json")
     registry.reap_stale(config.proxy.stop_grace_s)  # before binding: a crashed proxy's children hold ports
-    launcher = ProcessLauncher(config, registry)
-    manager = ModelManager(config, launcher)
+    gpus = Gpus.open()  # None without NVML (no driver, no GPU): memory is then counted only as declared
+    launcher = ProcessLauncher(config, registry, gpus)
+    try:  # proxy.gpus: auto needs NVML to see the GPUs
+        manager = ModelManager(config, launcher, memory=Memory(gpus, config.proxy.state_dir))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     app = create_app(config, manager, keys_loaded)
     reloader = Reloader(app.extensions["proxy"], launcher, overrides=overrides)  # a reload keeps --host/--port
     context = app.extensions["proxy"]
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         reloader.stop()
         manager.shutdown()
         launcher.close()
+        manager.memory.close()
     return 0
 
 

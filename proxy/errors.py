@@ -123,6 +123,14 @@ class BackendFailed(ProxyError):
     kind = "server_error"
 
 
+class InsufficientMemory(ProxyError):
+    """A model cannot fit its devices' budget beside what may not be evicted, or ran out of memory loading."""
+
+    status = 503
+    code = "insufficient_memory"
+    kind = "server_error"
+
+
 class BackendTimeout(ProxyError):
     status = 504
     code = "backend_timeout"

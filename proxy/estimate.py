@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from gguf import GGUFReader
 
 from proxy.backends.llamacpp import gguf_path
 from proxy.config import ModelConfig, deep_merge
@@ -322,6 +321,7 @@ def _gguf_shape(path: str, size: int, mtime_ns: int) -> tuple[int, int | None]:
     vocabulary included, which takes seconds.
     """
     del size, mtime_ns  # cache key only
+    from gguf import GGUFReader  # here: numpy and the reader load only when a GGUF is estimated
     try:
         reader = GGUFReader(path)
     except (OSError, ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:

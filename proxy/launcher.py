@@ -6,11 +6,13 @@ with a `resident_group` go through Residents. The manager decides when; this mod
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from proxy.backends import plan_launch
+from proxy.backends import plan_launch, visible_devices
 from proxy.config import Config, ModelConfig
+from proxy.nvml import Gpus
 from proxy.resident import Residents
 from proxy.sessions import ChildRegistry
 from proxy.supervisor import BackendProcess, PortPool, spawn
@@ -48,11 +50,11 @@ class ProcessLauncher:
     through Residents (TabbyAPI's in-place swap).
     """
 
-    def __init__(self, config: Config, registry: ChildRegistry | None = None) -> None:
+    def __init__(self, config: Config, registry: ChildRegistry | None = None, gpus: Gpus | None = None) -> None:
         self._config: Callable[[], Config] = lambda: config
         self._ports = PortPool(*config.proxy.backend_ports)
         self._registry = registry
-        self._residents = Residents(self._spawn_process)
+        self._residents = Residents(self._spawn_process, gpus=gpus)  # NVML: whether in-place unloads free VRAM
 
     @property
     def config(self) -> Config:
@@ -77,6 +79,9 @@ class ProcessLauncher:
 
         try:
             plan = plan_launch(model, config, port)
+            if model.devices is not None:  # the GPUs the scheduler placed it on, numbered as NVML does (PCI order)
+                plan = dataclasses.replace(plan, env={**plan.env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                                                      "CUDA_VISIBLE_DEVICES": visible_devices(model)})
             return spawn(model.name, plan, log_dir=config.proxy.state_dir / "logs", on_exit=exited,
                          registry=self._registry)
         except BaseException:

@@ -7,6 +7,7 @@ start, evict or grant is decided by the pure policy in proxy/scheduling.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -17,8 +18,10 @@ from datetime import datetime, timezone
 
 from proxy import scheduling
 from proxy.config import Config, ModelConfig
-from proxy.errors import BackendFailed, ClientGone, ModelBusy, ProxyError, UnknownModel
+from proxy.errors import BackendFailed, ClientGone, InsufficientMemory, ModelBusy, ProxyError, UnknownModel
+from proxy.footprints import Memory, is_out_of_memory
 from proxy.launcher import Backend, Launch
+from proxy.memory import Need, Placement, devices_of, format_placement
 from proxy.records import Cancelled as Cancelled  # re-exported: the manager's contract
 from proxy.records import Lease as Lease
 from proxy.records import Listener as Listener
@@ -34,15 +37,19 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 CANCEL_POLL_S = 0.5
 FORCED_STOP_GRACE_S = 1.0  # SIGTERM to SIGKILL for /unload?force=true (at most proxy.stop_grace)
+PRELOAD_PAUSE_S = 5.0      # between preload rounds: a preloaded model that keeps crashing is retried this often
 
 
 class ModelManager:
     def __init__(self, config: Config, launch: Launch, clock: Clock = time.monotonic,
-                 on_event: Listener | None = None) -> None:
+                 on_event: Listener | None = None, memory: Memory | None = None) -> None:
         self._config = config
         self._launch = launch
         self._clock = clock
         self._on_event = on_event
+        self.memory = memory or Memory()
+        self._budgets = self.memory.budgets(config)  # guarded by _cond; raises ConfigError (proxy.gpus: auto)
+        self._needs(config, self._budgets)
         self._cond = threading.Condition()
         self._models = {  # guarded by _cond
             name: ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
@@ -54,6 +61,7 @@ class ModelManager:
         self._starting_threads = 0       # guarded by _cond: starts whose process may be unpublished
         self._reaper_wake = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._preload_wake = threading.Event()  # set at start-up and when a preloaded model crashed
 
     # ----- requests ---------------------------------------------------------------------------
 
@@ -108,10 +116,13 @@ class ModelManager:
             if isinstance(decision, scheduling.Grant):
                 return self._grant(runtime, ticket)
             if isinstance(decision, scheduling.Start):
-                return self._claim_start(runtime, ticket)
+                return self._claim_start(runtime, ticket, decision.placement)
             if isinstance(decision, scheduling.Stop):
-                return self._claim_stop(self._models[decision.victim], reason=f"swap to {runtime.model.name}",
+                why = f": {decision.why}" if decision.why else ""
+                return self._claim_stop(self._models[decision.victim], reason=f"swap to {runtime.model.name}{why}",
                                         successor=runtime.model)
+            if isinstance(decision, scheduling.Refuse):
+                raise InsufficientMemory(decision.reason)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelBusy(
@@ -125,12 +136,25 @@ class ModelManager:
 
     def _scheduling_snapshot(self) -> scheduling.Snapshot:
         """Under the lock: what the policy decides on (models in configuration order, the queue oldest first)."""
+        counted = bool(self._budgets)  # without budgets, footprints are not looked up at all
         return scheduling.Snapshot(
-            models={name: runtime.view() for name, runtime in self._models.items()},
+            models={name: runtime.view(self._need(runtime.model) if counted else Need())
+                    for name, runtime in self._models.items()},
             queue=tuple(ticket.name for ticket in self._queue),
             max_loaded_models=self._config.proxy.max_loaded_models,
             max_concurrent=self._config.proxy.max_concurrent,
+            budgets=self._budgets,
         )
+
+    def _need(self, model: ModelConfig) -> Need:
+        """A model's footprint: a lookup (estimated ahead by _needs, outside the lock, when memory is counted)."""
+        return self.memory.need(model, self._config, estimate=bool(self._budgets))
+
+    def _needs(self, config: Config, budgets: dict[str, int]) -> None:
+        """Estimate every profile's footprint now, outside the lock (it reads the model's files), if it counts."""
+        if budgets:
+            for model in config.models.values():
+                self.memory.need(model, config)
 
     def _runtime(self, name: str) -> ModelRecord:
         runtime = self._models.get(name)
@@ -161,16 +185,18 @@ class ModelManager:
 
     # ----- claiming transitions (under the lock) ----------------------------------------------
 
-    def _claim_start(self, runtime: ModelRecord, ticket: Ticket) -> Callable[[], None]:
+    def _claim_start(self, runtime: ModelRecord, ticket: Ticket | None, placement: Placement) -> Callable[[], None]:
         self._adopt_replacement(runtime)
         runtime.generation += 1
         runtime.attempt += 1
-        ticket.attempt_seen = runtime.attempt
+        if ticket is not None:
+            ticket.attempt_seen = runtime.attempt
         runtime.keep_alive_s = runtime.default_keep_alive_s
-        self._set_state(runtime, State.STARTING)
+        runtime.holds = dict(placement)
+        self._set_state(runtime, State.STARTING, reason=f"placed: {format_placement(placement)}" if placement else "")
         self._starting_threads += 1
         generation = runtime.generation
-        return lambda: self._start(runtime, generation)
+        return lambda: self._start(runtime, generation, placement)
 
     def _claim_stop(self, runtime: ModelRecord, reason: str, successor: ModelConfig | None = None,
                     grace_s: float | None = None) -> Callable[[], None]:
@@ -189,6 +215,8 @@ class ModelManager:
             raise AssertionError(f"model {runtime.model.name}: {previous.value} -> {state.value} is not an "
                                  "allowed transition (a bug in the manager)")
         runtime.state = state
+        if state not in LOADED:
+            runtime.holds = {}
         level = logging.ERROR if state is State.FAILED else logging.INFO
         log.log(level, "model %s: %s -> %s%s", runtime.model.name, previous.value, state.value,
                 f" ({reason})" if reason else "")
@@ -200,23 +228,70 @@ class ModelManager:
 
     # ----- transitions (outside the lock) -------------------------------------------------------
 
-    def _start(self, runtime: ModelRecord, generation: int) -> None:
+    def _start(self, runtime: ModelRecord, generation: int, placement: Placement) -> None:
         model = runtime.model
         started = time.monotonic()
+        if not self.memory.wait_for_free(placement):
+            log.warning("model %s: starting although NVML does not show %s free yet", model.name,
+                        format_placement(placement))
+        devices = devices_of(placement)
+        placed = dataclasses.replace(model, devices=devices) if devices else model
         process: Backend | None = None
         published = False
-        try:
-            process = self._launch(model, lambda _process, code: self._on_exit(runtime, generation, code))
-            stale = self._publish(runtime, generation, process)
-            published = True
-            if stale:
-                raise BackendFailed(f"{model.name}: unloaded while starting")
-            process.wait_ready(timeout_s=self._config.startup_timeout_s(model))
-        except Exception as exc:  # any failure must leave STARTING, or the model is stuck there
-            self._fail_start(runtime, model, generation, exc, process, published)
-            return
+        retried = False
+        while True:
+            try:
+                process = self._launch(placed, lambda _process, code: self._on_exit(runtime, generation, code))
+                stale = self._publish(runtime, generation, process)
+                published = True
+                if stale:
+                    raise BackendFailed(f"{model.name}: unloaded while starting")
+                process.wait_ready(timeout_s=self._config.startup_timeout_s(model))
+            except Exception as exc:  # any failure must leave STARTING, or the model is stuck there
+                if not retried and self._retry_after_out_of_memory(runtime, generation, exc, process, published):
+                    retried, process, published = True, None, False
+                    continue
+                self._fail_start(runtime, model, generation, exc, process, published, retried)
+                return
+            break
         if self._become_ready(runtime, generation, started):
             process.stop(self._config.proxy.stop_grace_s)
+            return
+        measured = self.memory.measure(model, process.pid)
+        if measured:
+            with self._cond:
+                if generation == runtime.generation:
+                    runtime.holds.update(measured)  # what it really takes, from now on
+
+    def _retry_after_out_of_memory(self, runtime: ModelRecord, generation: int, exc: Exception,
+                                   process: Backend | None, published: bool) -> bool:
+        """After a load that ran out of memory: stop it, evict every other idle unpinned model, and say to retry.
+
+        Returns False (nothing done) for any other failure, or when the start was unloaded meanwhile.
+        """
+        output = process.tail(20) if process is not None else ""
+        if not is_out_of_memory(f"{output}\n{getattr(exc, 'detail', '') or ''}\n{exc}"):
+            return False
+        if process is not None:
+            process.stop(self._config.proxy.stop_grace_s)
+        with self._cond:
+            if generation != runtime.generation:
+                return False
+            if published:
+                self._starting_threads += 1  # the retry publishes again
+                runtime.process = None
+            holds = dict(runtime.holds)
+            idle = [other for other in self._models.values() if other is not runtime and other.state is State.READY
+                    and other.leases == 0 and not other.model.pinned]
+            steps = [self._claim_stop(other, reason=f"{runtime.model.name} ran out of memory while loading; "
+                                                    "unloading every idle model and trying once more")
+                     for other in idle]
+        log.warning("model %s: out of memory while loading; %s, then trying once more", runtime.model.name,
+                    f"unloading {', '.join(other.model.name for other in idle)}" if idle else "no idle model to unload")
+        for step in steps:
+            step()
+        self.memory.wait_for_free(holds)
+        return True
 
     def _publish(self, runtime: ModelRecord, generation: int, process: Backend) -> bool:
         """Make a spawned process the model's, unless it was unloaded meanwhile; return whether it was (stale)."""
@@ -229,12 +304,18 @@ class ModelManager:
         return stale
 
     def _fail_start(self, runtime: ModelRecord, model: ModelConfig, generation: int, exc: Exception,
-                    process: Backend | None, published: bool) -> None:
+                    process: Backend | None, published: bool, after_oom: bool = False) -> None:
         """Stop what a failed start left and fail its waiters. Called while `exc` is being handled."""
         if not isinstance(exc, ProxyError):
             log.exception("model %s: unexpected error while starting", model.name)
         error = exc if isinstance(exc, ProxyError) else BackendFailed(
             f"{model.name}: cannot start ({type(exc).__name__}); see the proxy's log", detail=str(exc))
+        if after_oom or is_out_of_memory(f"{error.detail or ''}\n{error.message}"):
+            error = InsufficientMemory(
+                f"{model.name}: the backend ran out of memory while loading"
+                f"{', again after every idle model was unloaded' if after_oom else ''}"
+                f" (it was counted as {format_placement(runtime.holds)}); declare a larger footprint or free memory",
+                detail=error.detail)
         if process is not None:
             process.stop(self._config.proxy.stop_grace_s)
         with self._cond:
@@ -302,6 +383,8 @@ class ModelManager:
             self._set_state(runtime, State.STOPPED, reason="crashed")
             self._adopt_replacement(runtime)
             self._cond.notify_all()
+            if runtime.model.name in self._config.proxy.preload:
+                self._preload_wake.set()
 
     # ----- unloading ----------------------------------------------------------------------------
 
@@ -389,6 +472,51 @@ class ModelManager:
             step()
             did_stop = True
 
+    # ----- preloading ---------------------------------------------------------------------------
+
+    def preload(self, name: str) -> bool:
+        """Start a model with no request waiting, if it fits without evicting anything; return whether it runs.
+
+        For proxy.preload: nothing is evicted for it and no request waits behind it (the queue goes
+        first). It then idles like any model: its keep_alive applies, pinning keeps it. Raises
+        UnknownModel; a failed start is logged and answered False.
+        """
+        with self._cond:
+            runtime = self._runtime(name)
+            if runtime.state in (State.STARTING, State.READY):
+                return True
+            if self._closed or self._draining or self._queue or runtime.state is State.STOPPING:
+                return False
+            snapshot = self._scheduling_snapshot()
+            snapshot = dataclasses.replace(snapshot, queue=(name,))
+            eviction = scheduling.eviction_for(snapshot, 0)
+            if not isinstance(eviction, scheduling.Fits):
+                log.warning("model %s: not preloaded: it does not fit beside the loaded models%s", name,
+                            f" ({eviction.reason})" if isinstance(eviction, scheduling.Never | scheduling.NotYet)
+                            else "")
+                return False
+            step = self._claim_start(runtime, None, eviction.placement)
+        step()  # runs the start in this thread
+        with self._cond:
+            state: State = runtime.state  # declared: the start above changed it
+            return state is State.READY
+
+    def _preload_loop(self) -> None:
+        """Start proxy.preload's models in order: at start-up, after a reload, and after one of them crashed."""
+        while True:
+            self._preload_wake.wait()
+            self._preload_wake.clear()
+            with self._cond:
+                if self._closed:
+                    return
+                names = [name for name in self._config.proxy.preload if name in self._models]
+            for name in names:
+                try:
+                    self.preload(name)
+                except Exception:
+                    log.exception("model %s: preload failed", name)
+            time.sleep(PRELOAD_PAUSE_S)  # a model that crashes at once is not restarted in a tight loop
+
     # ----- reloading ----------------------------------------------------------------------------
 
     def reload(self, config: Config) -> list[str]:
@@ -398,8 +526,11 @@ class ModelManager:
         a removed one refuses new requests. Both keep serving their in-flight requests: the
         caller stops the returned models with unload(), which waits for them.
         """
+        budgets = self.memory.budgets(config)  # NVML and the models' files are read outside the lock
+        self._needs(config, budgets)
         with self._cond:  # one step under the lock: no request sees half of the new config
             self._config = config
+            self._budgets = budgets
             restart = []
             # A copy: adopting a removed profile drops it from _models while we walk them.
             for name, runtime in list(self._models.items()):
@@ -417,7 +548,8 @@ class ModelManager:
                 if name not in self._models:
                     self._models[name] = ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
             self._cond.notify_all()  # waiters for removed models answer now
-            return restart
+        self._preload_wake.set()  # a model added to proxy.preload starts now
+        return restart
 
     def _adopt_replacement(self, runtime: ModelRecord) -> None:
         """Apply a reloaded profile to a model that is not running (under the lock)."""
@@ -431,9 +563,11 @@ class ModelManager:
     # ----- lifecycle ----------------------------------------------------------------------------
 
     def start_reaper(self) -> None:
-        """Start the thread that unloads idle models when their deadlines pass."""
+        """Start the threads that unload idle models when their deadlines pass and start proxy.preload's models."""
         self._reaper = threading.Thread(target=self._reap_loop, name="idle-reaper", daemon=True)
         self._reaper.start()
+        threading.Thread(target=self._preload_loop, name="preloader", daemon=True).start()
+        self._preload_wake.set()
 
     def _reap_loop(self) -> None:
         while True:
@@ -468,6 +602,7 @@ class ModelManager:
                 if runtime.state is State.STARTING:  # spawn not yet published: the starter stops it
                     runtime.generation += 1
         self._reaper_wake.set()
+        self._preload_wake.set()  # the preloader sees _closed and ends
         for step in steps:
             step()
         with self._cond:  # a start that was spawning sees the new generation and stops its child
@@ -483,7 +618,13 @@ class ModelManager:
             queued: dict[str, int] = {}
             for ticket in self._queue:
                 queued[ticket.name] = queued.get(ticket.name, 0) + 1
-            return [runtime.status(queued.get(name, 0), now_mono, now_wall) for name, runtime in self._models.items()]
+            return [runtime.status(queued.get(name, 0), now_mono, now_wall, self._need(runtime.model))
+                    for name, runtime in self._models.items()]
+
+    def budgets(self) -> dict[str, int]:
+        """Return the bytes each device may hold (`gpu0`, `ram`); empty when memory is not counted."""
+        with self._cond:
+            return dict(self._budgets)
 
     @property
     def config(self) -> Config:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from proxy.config import ModelConfig
 from proxy.errors import BackendFailed, ProxyError
 from proxy.launcher import Backend
+from proxy.memory import Need, Placement
 from proxy.scheduling import ModelView, State
 
 Cancelled = Callable[[], bool]
@@ -44,6 +45,9 @@ class ModelStatus:
     backend: str
     requests_served: int
     progress: str | None = None  # load progress of an in-place (resident) load
+    need: Need = Need()          # its footprint, and where that came from
+    holds: Placement = field(default_factory=dict)  # what it takes on each device while loaded
+    pinned: bool = False
 
 
 class ModelRecord:
@@ -69,12 +73,14 @@ class ModelRecord:
         self.requests_served = 0
         self.replacement: ModelConfig | None = None  # a reloaded profile, used from the next start
         self.removed = False             # its profile is gone: refuse requests, drop once stopped
+        self.holds: dict[str, int] = {}  # the memory it takes per device while loaded (placed, then measured)
 
-    def view(self) -> ModelView:
-        """Return what the scheduling policy needs of this model."""
-        return ModelView(self.model.name, self.state, self.leases, self.last_used, self.unloads_pending > 0)
+    def view(self, need: Need) -> ModelView:
+        """Return what the scheduling policy needs of this model, whose footprint is `need`."""
+        return ModelView(self.model.name, self.state, self.leases, self.last_used, self.unloads_pending > 0,
+                         need, self.holds, self.model.pinned)
 
-    def status(self, queued: int, now_mono: float, now_wall: datetime) -> ModelStatus:
+    def status(self, queued: int, now_mono: float, now_wall: datetime, need: Need = Need()) -> ModelStatus:
         """Return this model's /status entry; `queued` requests wait for it."""
         expires_at = None
         if self.state is State.READY and self.leases == 0 and not math.isinf(self.deadline):
@@ -95,6 +101,9 @@ class ModelRecord:
             backend=self.model.backend,
             requests_served=self.requests_served,
             progress=process.progress if process is not None and self.state is State.STARTING else None,
+            need=need,
+            holds=dict(self.holds),
+            pinned=self.model.pinned,
         )
 
 

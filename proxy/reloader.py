@@ -90,6 +90,7 @@ class Reloader:
             new = load_config(old.path, empty_ok=False)  # an emptied file must not reset everything
             new = dataclasses.replace(new, proxy=dataclasses.replace(new.proxy, **self._overrides))
             keys = load_keys(new.proxy.api_tokens_path, disabled=new.proxy.disable_auth, create_missing=False)
+            self._context.manager.memory.budgets(new)  # proxy.gpus: auto must see its GPUs
         except ConfigError as exc:
             log.error("config not reloaded, keeping the running one: %s", exc)
             return None

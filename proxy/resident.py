@@ -22,6 +22,8 @@ from proxy.backends import http_get
 from proxy.backends.tabby import load_request, process_settings
 from proxy.config import ModelConfig
 from proxy.errors import BackendFailed, BackendTimeout, ProxyError
+from proxy.memory import format_size
+from proxy.nvml import Gpus
 from proxy.supervisor import BackendProcess
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ ExitCallback = Callable[[Any, int], None]
 SpawnProcess = Callable[[ModelConfig, ExitCallback], BackendProcess]
 
 EMPTY_LINGER_S = 30.0  # a resident process with no model is kept this long for the next load
+EMPTY_PROCESS_BYTES = 1024 ** 3  # VRAM an emptied TabbyAPI may keep (CUDA context, torch's allocator)
+RETURN_WAIT_S = 5.0    # how long an in-place unload may take to give its VRAM back (NVML)
+RETURN_POLL_S = 0.25
 SERVED_POLL_S = 0.02   # after a load's last event, how often to ask whether the model is served yet
 
 
@@ -63,9 +68,10 @@ class ResidentGroup:
 class Residents:
     """The resident groups of one launcher; hands out members for the manager to start and stop."""
 
-    def __init__(self, spawn_process: SpawnProcess, linger_s: float = EMPTY_LINGER_S) -> None:
+    def __init__(self, spawn_process: SpawnProcess, linger_s: float = EMPTY_LINGER_S, gpus: Gpus | None = None) -> None:
         self._spawn = spawn_process
         self._linger_s = linger_s
+        self._gpus = gpus
         self._groups: dict[str, ResidentGroup] = {}
         self._lock = threading.Lock()
 
@@ -127,6 +133,27 @@ class Residents:
         timer = threading.Timer(self._linger_s, reap)
         timer.daemon = True
         timer.start()
+
+    def vram(self, pid: int) -> int | None:
+        """Return the VRAM a resident process (and its children) holds now; None without NVML."""
+        return None if self._gpus is None else sum(self._gpus.group_usage(pid).values())
+
+    def gave_memory_back(self, model: ModelConfig, pid: int, before: int | None) -> bool:
+        """After an in-place unload: wait (bounded) until NVML shows the process's VRAM back; say whether it did.
+
+        TabbyAPI has leaked VRAM on in-place unloads before; a process that keeps it is restarted instead.
+        """
+        if before is None or before <= EMPTY_PROCESS_BYTES:
+            return True
+        deadline = time.monotonic() + RETURN_WAIT_S
+        while (now := self.vram(pid) or 0) > max(EMPTY_PROCESS_BYTES, before // 10):
+            if time.monotonic() >= deadline:
+                log.warning("model %s: pid %d still holds %s of VRAM %gs after unloading in place (%s before); "
+                            "restarting the process to free it", model.name, pid, format_size(now), RETURN_WAIT_S,
+                            format_size(before))
+                return False
+            time.sleep(RETURN_POLL_S)
+        return True
 
     def close(self, grace_s: float) -> None:
         """Stop every resident process (proxy shutdown)."""
@@ -205,7 +232,10 @@ class ResidentMember:
             keep = False
         if keep and group is not None:
             try:
+                before = self._residents.vram(self.pid)
                 self._admin_post("/v1/model/unload", None, timeout_s=60)
+                if not self._residents.gave_memory_back(self._model, self.pid, before):
+                    raise BackendFailed(f"{self._model.name}: the in-place unload did not give the VRAM back")
                 with group.lock:
                     group.loaded, group.on_exit = None, None
                     group.generation += 1

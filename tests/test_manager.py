@@ -565,7 +565,7 @@ def test_every_transition_reaches_the_listener_in_order(tmp_path: Path, launcher
             ("alpha", State.READY, State.STOPPING), ("alpha", State.STOPPING, State.STOPPED),
             ("beta", State.STOPPED, State.STARTING), ("beta", State.STARTING, State.READY),
         ]
-        assert events[2].reason == "swap to beta"
+        assert events[2].reason == "swap to beta: the least recently used idle model; proxy.max_loaded_models (1) reached"
     finally:
         manager.shutdown()
 

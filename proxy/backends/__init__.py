@@ -46,6 +46,11 @@ def plan_launch(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
     return planners[model.backend](model, config, port)
 
 
+def visible_devices(model: ModelConfig) -> str:
+    """Return CUDA_VISIBLE_DEVICES for a model the scheduler placed (its `devices`), e.g. "0,1"."""
+    return ",".join(str(index) for index in model.devices or ())
+
+
 def http_get(port: int, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, Any] | None:
     """GET a loopback URL; return (status, parsed JSON or None), or None when nothing answers."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=PROBE_TIMEOUT_S)

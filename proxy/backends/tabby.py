@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from proxy.backends import LaunchPlan, http_get
+from proxy.backends import LaunchPlan, http_get, visible_devices
 from proxy.config import Config, ModelConfig, deep_merge
 from proxy.auth import create_tokens_file
 from proxy.errors import BackendFailed
@@ -84,6 +84,7 @@ def tabby_config(model: ModelConfig, port: int, *, auth: bool = False) -> dict[s
         "network": {"host": "127.0.0.1", "port": port, "disable_auth": not auth, "api_servers": ["OAI"]},
         "model": {"model_dir": model_dir, "model_name": model.upstream_model, "inline_model_loading": False},
     }
+    forced["model"].update(placed_split(model))
     if model.resident_group:
         kept = [*(model_section.get("use_as_default") or [])]
         kept += [key for key in model_section if key not in LOAD_KEYS and key not in _FORCED_MODEL_KEYS]
@@ -98,10 +99,20 @@ def load_request(model: ModelConfig) -> dict[str, Any]:
     model_section = model.tabby.get("model", {})
     body: dict[str, Any] = {"model_name": model.upstream_model}
     body.update({key: model_section[key] for key in LOAD_KEYS if key in model_section})
+    body.update(placed_split(model))
     draft = model.tabby.get("draft_model", {})
     if draft.get("draft_model_name"):
         body["draft_model"] = {key: draft[key] for key in DRAFT_LOAD_KEYS if key in draft}
     return body
+
+
+def placed_split(model: ModelConfig) -> dict[str, Any]:
+    """Return the `model:` keys that give TabbyAPI a placed model's declared split (`footprint.vram` as a list),
+    in GB per visible GPU, unless the profile sets its own `gpu_split`; empty otherwise (TabbyAPI autosplits)."""
+    split = model.footprint.split if model.footprint is not None else None
+    if not model.devices or not split or model.tabby.get("model", {}).get("gpu_split"):
+        return {}
+    return {"gpu_split_auto": False, "gpu_split": [round(size / 1024 ** 3, 2) for size in split]}
 
 
 def process_settings(model: ModelConfig) -> dict[str, str]:
@@ -121,6 +132,8 @@ def process_settings(model: ModelConfig) -> dict[str, str]:
         for key, value in values.items():
             if (section, key) not in carried:
                 flat[f"{section}.{key}"] = repr(value)
+    if model.devices is not None:  # the process sees only these GPUs
+        flat["env.CUDA_VISIBLE_DEVICES"] = visible_devices(model)
     return flat
 
 
