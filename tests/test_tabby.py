@@ -27,6 +27,7 @@ import yaml
 from proxy.backends.tabby import tabby_config
 from proxy.config import load_config
 from tests.conftest import ProxyProcess, free_port, write_config
+from tests.fake_nvml import fake_gpu
 
 Start = Callable[..., ProxyProcess]
 GOLDEN = Path(__file__).with_name("golden")
@@ -336,6 +337,39 @@ def test_failed_in_place_load_falls_back_to_a_fresh_process(tabby: Start) -> Non
     again = proxy.chat("first")
     assert again.status_code == 200 and proxy.status("first")["pid"] != old_pid
     assert len(proxy.backends()) == 1
+
+
+def test_an_in_place_unload_that_keeps_its_vram_restarts_the_process(tabby: Start, tmp_path: Path) -> None:
+    # NVML is the boundary: the fake GPU says what TabbyAPI's process holds. Once TabbyAPI has
+    # unloaded, the memory comes back in the first swap and stays taken (a leak) in the second.
+    gpus = tmp_path / "gpus"
+    fake_gpu.setup(gpus, [24 * 1024 ** 3])
+    env = {"FAKE_NVML_DIR": str(gpus), "PYTHONPATH": str(Path(__file__).with_name("fake_nvml"))}
+    proxy = tabby({"first": {**tabby_profile("fake-alpha"), "resident_group": "g"},
+                   "second": {**tabby_profile("fake-beta"), "resident_group": "g"}}, env=env)
+    assert proxy.chat("first").status_code == 200
+    pid, port = proxy.status("first")["pid"], proxy.status("first")["port"]
+    fake_gpu.register(pid, {0: 10 * 1024 ** 3}, directory=gpus)
+
+    def free_once_unloaded() -> None:  # TabbyAPI answers no model while it is empty
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=5).status_code != 200:
+                fake_gpu.unregister(pid, directory=gpus)
+                return
+            time.sleep(0.02)
+
+    freer = threading.Thread(target=free_once_unloaded)
+    freer.start()
+    assert proxy.chat("second").status_code == 200
+    freer.join(30)
+    assert proxy.status("second")["pid"] == pid and "unloaded in place" in proxy.log()
+
+    fake_gpu.register(pid, {0: 10 * 1024 ** 3}, directory=gpus)  # this time it is never given back
+    answer = proxy.chat("first")
+    assert answer.status_code == 200, answer.text
+    assert f"pid {pid} still holds 10 GiB of VRAM 5s after unloading in place" in proxy.log()
+    assert proxy.status("first")["pid"] != pid and len(proxy.backends()) == 1
 
 
 def test_in_place_load_progress_shows_in_status(tabby: Start) -> None:

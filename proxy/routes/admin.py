@@ -15,6 +15,8 @@ import proxy
 from proxy.app_context import ProxyContext
 from proxy.errors import BadRequest, ProxyError, Unsupported, render_openai_error
 from proxy.manager import ModelStatus
+from proxy.memory import RAM, gpu, gpu_index
+from proxy.nvml import Device
 from proxy.pipeline import resolve_model
 
 bp = Blueprint("admin", __name__)
@@ -40,12 +42,32 @@ def status() -> Response:
     context = ProxyContext.current()
     caller = context.authorize()  # pids, ports and backend errors are not for anonymous callers
     admin = caller is None or caller.admin  # None: auth is off, and so is every admin check
+    snapshot = context.manager.snapshot()
     return jsonify({
         "version": proxy.__version__,
         "uptime_s": round(time.time() - context.started_at, 3),
         "max_loaded_models": context.config.proxy.max_loaded_models,
-        "models": [status_record(entry, admin=admin) for entry in context.manager.snapshot()],
+        "models": [status_record(entry, admin=admin) for entry in snapshot],
+        "memory": memory_record(context.manager.budgets(), snapshot, context.manager.memory.devices()),
     })
+
+
+def memory_record(budgets: dict[str, int], snapshot: list[ModelStatus], seen: list[Device]) -> list[dict[str, Any]]:
+    """Return /status's `memory`: per device its budget, what each loaded model takes, and what NVML sees."""
+    nvml = {gpu(device.index): device for device in seen}
+    records = []
+    for name in sorted(budgets.keys() | nvml.keys(), key=lambda device: (device == RAM, gpu_index(device) or 0)):
+        used = {entry.name: entry.holds[name] for entry in snapshot if entry.holds.get(name)}
+        device = nvml.get(name)
+        records.append({
+            "device": name,
+            "budget": budgets.get(name),
+            "used": used,
+            "available": None if name not in budgets else max(0, budgets[name] - sum(used.values())),
+            "nvml": None if device is None else {"name": device.name, "total": device.total, "free": device.free,
+                                                 "used": device.used},
+        })
+    return records
 
 
 def status_record(entry: ModelStatus, *, admin: bool = False) -> dict[str, Any]:
@@ -64,6 +86,10 @@ def status_record(entry: ModelStatus, *, admin: bool = False) -> dict[str, Any]:
         "ready_since": entry.ready_since.isoformat() if entry.ready_since else None,
         "requests_served": entry.requests_served,
         "progress": entry.progress,
+        "pinned": entry.pinned,
+        "footprint": {"vram": entry.need.vram, "ram": entry.need.ram, "gpus": entry.need.gpus,
+                      "source": entry.need.source},
+        "memory": dict(entry.holds),
         "last_error": entry.last_error,
         "last_output": entry.last_output if admin else None,
     }

@@ -34,7 +34,8 @@ from proxy.dialects.ollama_records import (
 from proxy.dialects.samplers import sampler_names
 from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupported, UpstreamError, render_ollama_error
 from proxy.exchange import Opened, json_body
-from proxy.manager import Lease
+from proxy.manager import Lease, ModelStatus
+from proxy.memory import RAM
 from proxy.pipeline import MAX_MODEL_NAME, finish, pop_keep_alive, require_embedding
 from proxy.profiles import is_pattern
 from proxy.streaming import ndjson
@@ -139,15 +140,30 @@ def ps() -> Response:
             expires = status.expires_at.astimezone()
         else:  # in use or starting: Ollama shows now + duration (the timer starts when idle)
             expires = now + timedelta(seconds=min(status.keep_alive_s, NEVER_S))
+        size, size_vram = _loaded_size(entry.model, status, entry.size, entry.size_vram)
         # Every name /api/tags lists for the model, so that UIs mark each of its entries as loaded.
         for name in map(ollama_name, (status.name, *(alias for alias in entry.model.aliases if not is_pattern(alias)))):
             running.append((expires, {
-                "name": name, "model": name, "size": entry.size, "digest": entry.digest, "details": entry.details,
-                "expires_at": rfc3339_local(expires), "size_vram": entry.size_vram,
+                "name": name, "model": name, "size": size, "digest": entry.digest, "details": entry.details,
+                "expires_at": rfc3339_local(expires), "size_vram": size_vram,
                 "context_length": entry.context_length or 0,
             }))
     running.sort(key=lambda pair: pair[0], reverse=True)  # stable: a model's names stay together
     return jsonify({"models": [record for _, record in running]})
+
+
+def _loaded_size(model: ModelConfig, status: ModelStatus, size: int, size_vram: int) -> tuple[int, int]:
+    """Return /api/ps's size and size_vram: what the profile's details declare, else the memory the model
+    takes (placed or measured, else its footprint), else the catalog's figures (its files)."""
+    holds = status.holds
+    if holds:
+        measured = sum(holds.values()), sum(bytes_ for device, bytes_ in holds.items() if device != RAM)
+    elif status.need.total:
+        measured = status.need.total, status.need.vram
+    else:
+        measured = size, size_vram
+    return (size if model.details.size is not None else measured[0],
+            size_vram if model.details.size_vram is not None else measured[1])
 
 
 # ----- generation -----------------------------------------------------------------------------------
