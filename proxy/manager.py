@@ -474,19 +474,21 @@ class ModelManager:
 
     # ----- preloading ---------------------------------------------------------------------------
 
-    def preload(self, name: str) -> bool:
+    def preload(self, name: str) -> bool | None:
         """Start a model with no request waiting, if it fits without evicting anything; return whether it runs.
 
         For proxy.preload: nothing is evicted for it and no request waits behind it (the queue goes
-        first). It then idles like any model: its keep_alive applies, pinning keeps it. Raises
-        UnknownModel; a failed start is logged and answered False.
+        first: None, ask again later). It then idles like any model: its keep_alive applies,
+        pinning keeps it. Raises UnknownModel; a failed start is logged and answered False.
         """
         with self._cond:
             runtime = self._runtime(name)
             if runtime.state in (State.STARTING, State.READY):
                 return True
-            if self._closed or self._draining or self._queue or runtime.state is State.STOPPING:
+            if self._closed or self._draining:
                 return False
+            if self._queue or runtime.state is State.STOPPING:
+                return None
             snapshot = self._scheduling_snapshot()
             snapshot = dataclasses.replace(snapshot, queue=(name,))
             eviction = scheduling.eviction_for(snapshot, 0)
@@ -512,7 +514,8 @@ class ModelManager:
                 names = [name for name in self._config.proxy.preload if name in self._models]
             for name in names:
                 try:
-                    self.preload(name)
+                    if self.preload(name) is None:
+                        self._preload_wake.set()  # requests go first: try again after the pause
                 except Exception:
                     log.exception("model %s: preload failed", name)
             time.sleep(PRELOAD_PAUSE_S)  # a model that crashes at once is not restarted in a tight loop

@@ -6,6 +6,7 @@ process boundary) and its fake clock. The policy itself is tested on snapshots i
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +18,13 @@ import pytest
 import proxy.manager
 from proxy.config import Config, load_config
 from proxy.errors import BackendFailed, InsufficientMemory
+from proxy.footprints import Memory
 from proxy.manager import ModelManager, State
+from proxy.nvml import Gpus
 from tests.conftest import fake_profile, wait_until, write_config
+from tests.fake_nvml import fake_gpu
 from tests.test_manager import FakeClock, FakeLauncher
+from tests.test_nvml import load_fake_pynvml
 
 GiB = 1024 ** 3
 
@@ -255,3 +260,49 @@ def test_without_budgets_footprints_change_nothing(tmp_path: Path, launcher: Fak
     assert launcher.last("a").model.devices is None  # not placed: nothing is counted
     assert manager.budgets() == {}
     assert [status.state for status in manager.snapshot()] == [State.READY.value] * 2
+
+
+def readme_example(directory: Path) -> Path:
+    """Write the README's memory example (one YAML block, a `# <file>:` comment before each file); return config.yml."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Memory: budgets, footprints, placement, pinning", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    files: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in block.splitlines():
+        header = re.fullmatch(r"# ((?:model_configs/)?[\w.-]+\.yml):.*", line)
+        if header:
+            current = files.setdefault(header.group(1), [])
+        else:
+            current.append(line)
+    assert set(files) == {"config.yml", "model_configs/embed.yml", "model_configs/coder.yml",
+                          "model_configs/chat.yml"}
+    for name, lines in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text("\n".join(lines) + "\n")
+    return directory / "config.yml"
+
+
+def test_the_readme_example_places_its_models_as_it_says(tmp_path: Path, launcher: FakeLauncher, clock: FakeClock,
+                                                        managers: list[ModelManager],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu.setup(tmp_path / "gpus", [24 * GiB, 24 * GiB])  # two 24 GiB GPUs, through the fake NVML
+    monkeypatch.setenv(fake_gpu.ENV, str(tmp_path / "gpus"))
+    load_fake_pynvml(monkeypatch)
+    gpus = Gpus.open()
+    assert gpus is not None
+    config = load_config(readme_example(tmp_path))
+    manager = ModelManager(config, launcher, clock, memory=Memory(gpus))
+    managers.append(manager)
+
+    assert manager.budgets() == {"gpu0": 24 * GiB - 512 * 1024 ** 2, "gpu1": 23 * GiB}
+    assert config.proxy.preload == ("embed",) and config.models["embed"].pinned
+    for name in ("embed", "coder", "chat"):
+        use(manager, name, clock)
+
+    assert states(manager) == {"chat": "ready", "coder": "ready", "embed": "ready"}
+    devices = {name: launcher.last(name).model.devices for name in ("embed", "coder", "chat")}
+    assert devices == {"embed": (1,), "coder": (0, 1), "chat": None}  # embed: the best fit; chat: not yet known
+    footprints = {status.name: status.need.source for status in manager.snapshot()}
+    assert footprints == {"chat": "unknown", "coder": "declared", "embed": "declared"}
+    gpus.close()
