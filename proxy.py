@@ -20,6 +20,7 @@ from proxy.app import create_app
 from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
 from proxy.config import ConfigError, load_config
 from proxy.footprints import Memory
+from proxy.housekeeping import start_housekeeping
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
 from proxy.nvml import Gpus
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
     try:
-        manager.start_reaper()
+        start_housekeeping(manager)
         reloader.start()
         threading.Thread(target=server.run, name="http", daemon=True).start()
         log.info("serving %d model(s) on http://%s:%d (auth %s)", len(config.models), config.proxy.host,

@@ -21,7 +21,7 @@ from proxy.config import Config, ModelConfig
 from proxy.errors import BackendFailed, ClientGone, InsufficientMemory, ModelBusy, ProxyError, UnknownModel
 from proxy.footprints import Memory, is_out_of_memory
 from proxy.launcher import Backend, Launch
-from proxy.memory import Need, Placement, devices_of, format_placement
+from proxy.memory import NOTHING, Need, Placement, devices_of, format_placement
 from proxy.records import Cancelled as Cancelled  # re-exported: the manager's contract
 from proxy.records import Lease as Lease
 from proxy.records import Listener as Listener
@@ -37,7 +37,14 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 CANCEL_POLL_S = 0.5
 FORCED_STOP_GRACE_S = 1.0  # SIGTERM to SIGKILL for /unload?force=true (at most proxy.stop_grace)
-PRELOAD_PAUSE_S = 5.0      # between preload rounds: a preloaded model that keeps crashing is retried this often
+
+
+class Wakeups:
+    """Events the manager sets for its background threads: an idle deadline moved, preloads are due."""
+
+    def __init__(self) -> None:
+        self.reaper = threading.Event()   # a lease was released, a model became ready or must unload
+        self.preload = threading.Event()  # start-up, a reload, a preloaded model crashed, shutdown
 
 
 class ModelManager:
@@ -59,9 +66,7 @@ class ModelManager:
         self._closed = False             # guarded by _cond
         self._draining = False           # guarded by _cond: shutting down, running requests may finish
         self._starting_threads = 0       # guarded by _cond: starts whose process may be unpublished
-        self._reaper_wake = threading.Event()
-        self._reaper: threading.Thread | None = None
-        self._preload_wake = threading.Event()  # set at start-up and when a preloaded model crashed
+        self.wakeups = Wakeups()  # the background threads' (proxy/housekeeping.py): they only ask
 
     # ----- requests ---------------------------------------------------------------------------
 
@@ -138,7 +143,7 @@ class ModelManager:
         """Under the lock: what the policy decides on (models in configuration order, the queue oldest first)."""
         counted = bool(self._budgets)  # without budgets, footprints are not looked up at all
         return scheduling.Snapshot(
-            models={name: runtime.view(self._need(runtime.model) if counted else Need())
+            models={name: runtime.view(self._need(runtime.model) if counted else NOTHING)
                     for name, runtime in self._models.items()},
             queue=tuple(ticket.name for ticket in self._queue),
             max_loaded_models=self._config.proxy.max_loaded_models,
@@ -180,7 +185,7 @@ class ModelManager:
             runtime.last_used = self._clock()
             if runtime.leases == 0:  # the idle clock starts only now
                 runtime.deadline = runtime.last_used + runtime.keep_alive_s
-                self._reaper_wake.set()
+                self.wakeups.reaper.set()
             self._cond.notify_all()  # a queued swap, an unload, or a request waiting for room may proceed
 
     # ----- claiming transitions (under the lock) ----------------------------------------------
@@ -342,7 +347,7 @@ class ModelManager:
                 # The idle clock runs until a waiter takes its lease, so a model loaded for
                 # clients that all left still unloads on time.
                 runtime.deadline = self._clock() + runtime.keep_alive_s
-                self._reaper_wake.set()
+                self.wakeups.reaper.set()
                 self._set_state(runtime, State.READY, reason=f"in {time.monotonic() - started:.2f}s")
             self._cond.notify_all()
         return stale
@@ -384,7 +389,7 @@ class ModelManager:
             self._adopt_replacement(runtime)
             self._cond.notify_all()
             if runtime.model.name in self._config.proxy.preload:
-                self._preload_wake.set()
+                self.wakeups.preload.set()
 
     # ----- unloading ----------------------------------------------------------------------------
 
@@ -419,7 +424,7 @@ class ModelManager:
             runtime.keep_alive_s = 0.0
             if runtime.state is State.READY and runtime.leases == 0:
                 runtime.deadline = self._clock()
-            self._reaper_wake.set()
+            self.wakeups.reaper.set()
             return True
 
     def unload(self, name: str | None = None, *, force: bool = False, timeout_s: float | None = None) -> list[str]:
@@ -503,23 +508,6 @@ class ModelManager:
             state: State = runtime.state  # declared: the start above changed it
             return state is State.READY
 
-    def _preload_loop(self) -> None:
-        """Start proxy.preload's models in order: at start-up, after a reload, and after one of them crashed."""
-        while True:
-            self._preload_wake.wait()
-            self._preload_wake.clear()
-            with self._cond:
-                if self._closed:
-                    return
-                names = [name for name in self._config.proxy.preload if name in self._models]
-            for name in names:
-                try:
-                    if self.preload(name) is None:
-                        self._preload_wake.set()  # requests go first: try again after the pause
-                except Exception:
-                    log.exception("model %s: preload failed", name)
-            time.sleep(PRELOAD_PAUSE_S)  # a model that crashes at once is not restarted in a tight loop
-
     # ----- reloading ----------------------------------------------------------------------------
 
     def reload(self, config: Config) -> list[str]:
@@ -551,7 +539,7 @@ class ModelManager:
                 if name not in self._models:
                     self._models[name] = ModelRecord(model, never_if_unrepresentable(config.idle_timeout_s(model)))
             self._cond.notify_all()  # waiters for removed models answer now
-        self._preload_wake.set()  # a model added to proxy.preload starts now
+        self.wakeups.preload.set()  # a model added to proxy.preload starts now
         return restart
 
     def _adopt_replacement(self, runtime: ModelRecord) -> None:
@@ -564,26 +552,6 @@ class ModelManager:
             runtime.keep_alive_s = runtime.default_keep_alive_s
 
     # ----- lifecycle ----------------------------------------------------------------------------
-
-    def start_reaper(self) -> None:
-        """Start the threads that unload idle models when their deadlines pass and start proxy.preload's models."""
-        self._reaper = threading.Thread(target=self._reap_loop, name="idle-reaper", daemon=True)
-        self._reaper.start()
-        threading.Thread(target=self._preload_loop, name="preloader", daemon=True).start()
-        self._preload_wake.set()
-
-    def _reap_loop(self) -> None:
-        while True:
-            with self._cond:
-                if self._closed:
-                    return
-            try:
-                wait_s = self.expire_idle()
-            except Exception:
-                log.exception("idle reaper: unexpected error")
-                wait_s = 1.0
-            self._reaper_wake.wait(min(wait_s, 60.0))
-            self._reaper_wake.clear()
 
     def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait up to timeout_s for running ones to end; return whether they did."""
@@ -604,8 +572,8 @@ class ModelManager:
             for runtime in self._models.values():
                 if runtime.state is State.STARTING:  # spawn not yet published: the starter stops it
                     runtime.generation += 1
-        self._reaper_wake.set()
-        self._preload_wake.set()  # the preloader sees _closed and ends
+        self.wakeups.reaper.set()
+        self.wakeups.preload.set()  # the preloader sees _closed and ends
         for step in steps:
             step()
         with self._cond:  # a start that was spawning sees the new generation and stops its child
@@ -632,3 +600,8 @@ class ModelManager:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed

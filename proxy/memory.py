@@ -89,6 +89,9 @@ class Need:
         return Need(self.vram, self.ram, self.gpus, self.split, source)
 
 
+NOTHING = Need()  # an unknown footprint, or memory not counted
+
+
 def _even(total: int, parts: int) -> tuple[int, ...]:
     share, rest = divmod(total, parts)
     return tuple(share + (1 if index < rest else 0) for index in range(parts))

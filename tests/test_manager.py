@@ -17,6 +17,7 @@ import pytest
 
 from proxy.config import Config, ModelConfig, load_config
 from proxy.errors import BackendFailed, BackendTimeout, ClientGone, ModelBusy, UnknownModel
+from proxy.housekeeping import start_housekeeping
 from proxy.manager import FORCED_STOP_GRACE_S, Lease, ModelEvent, ModelManager, State
 from tests.conftest import fake_profile, wait_until, write_config
 
@@ -458,7 +459,7 @@ def test_shutdown_during_a_start_stops_the_new_child(manager: ModelManager, laun
 
 def test_reaper_thread_unloads_on_time(tmp_path: Path, launcher: FakeLauncher) -> None:
     manager = ModelManager(make_config(tmp_path, alpha={"unload_timer": 0.3}), launcher)
-    manager.start_reaper()
+    start_housekeeping(manager)
     try:
         manager.acquire("alpha", timeout_s=5).release()
         released = time.monotonic()

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-import proxy.manager
+import proxy.housekeeping
 from proxy.config import Config, load_config
 from proxy.errors import BackendFailed, InsufficientMemory
 from proxy.footprints import Memory
+from proxy.housekeeping import start_housekeeping
 from proxy.manager import ModelManager, State
 from proxy.nvml import Gpus
 from tests.conftest import fake_profile, wait_until, write_config
@@ -229,13 +230,13 @@ def test_out_of_memory_at_load_evicts_the_idle_models_and_retries_once(
 
 def test_preloaded_models_start_in_order_while_they_fit_and_again_after_a_crash(
         tmp_path: Path, launcher: FakeLauncher, managers: list[ModelManager], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy.manager, "PRELOAD_PAUSE_S", 0.05)
+    monkeypatch.setattr(proxy.housekeeping, "PRELOAD_PAUSE_S", 0.05)
     config = memory_config(tmp_path, gpus={0: "24GiB"}, preload=["embed", "chat", "extra"],
                            embed={"vram": "4GiB", "pinned": True}, chat={"vram": "16GiB"}, extra={"vram": "8GiB"})
     manager = ModelManager(config, launcher)
     managers.append(manager)
 
-    manager.start_reaper()
+    start_housekeeping(manager)
     wait_until(lambda: states(manager)["chat"] == "ready", what="the preloads")
     time.sleep(0.2)
     assert states(manager) == {"embed": "ready", "chat": "ready", "extra": "stopped"}  # extra does not fit
