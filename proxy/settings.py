@@ -171,6 +171,15 @@ def _names(reading: Reading, key: str, default: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _request_log(reading: Reading, key: str, default: Any) -> str:
+    value: str = reading.node.get(key, str, default)
+    if value in ("sqlite", "off") or value.startswith(("postgresql://", "postgres://")):
+        return value
+    if "://" in value:
+        raise reading.node.fail(key, f"expected sqlite, off, a file path or a postgresql:// URL, got a {value.split('://')[0]}:// URL")
+    return str((reading.base / Path(value).expanduser()).resolve())  # an SQLite file
+
+
 # Every request in progress holds a thread, a waiting one included: the reserve keeps some for
 # /health and admin routes, and a queue longer than the request slots could never fill.
 
@@ -334,6 +343,17 @@ class ProxySettings:
         "tabby_python", None, _program,
         doc="TabbyAPI's interpreter: a path containing `/` (relative to `config.yml`) or a command name looked up "
             "on `PATH`")
+
+    metrics_public: bool = setting(
+        "metrics_public", False, _flag,
+        doc="`true` serves `/metrics` without a key, for a Prometheus scraper on a trusted network; otherwise it "
+            "needs a key like every API route")
+    request_log: str = setting(
+        "request_log", "sqlite", _request_log, reload=False,
+        doc="where one row per request goes: `sqlite` (`requests.sqlite3` in `state_dir`), a path to an SQLite "
+            "file, a `postgresql://` URL (the password is never logged), or `off`. Never prompts or answers")
+    request_log_days: float = setting("request_log_days", 30.0, _positive,
+                                      doc="days the request log keeps its rows; older ones are deleted")
 
     @property
     def request_slots(self) -> int:

@@ -30,7 +30,7 @@ CHANGED: dict[str, Any] = {
     "max_body_mb": 65, "max_answer_mb": 257, "max_concurrent": 2, "max_queue": 10, "drain_timeout": 31,
     "cors_origins": ["https://chat.example.org"], "log_bodies": True, "loopback_without_key": True, "ollama_version": "0.12.7",
     "tabby_auth": "keys", "tabby_python": "python3", "gpus": {0: "20GiB"}, "gpu_reserve": "1GiB",
-    "ram_budget": "8GiB", "preload": ["a"],
+    "ram_budget": "8GiB", "preload": ["a"], "metrics_public": True, "request_log": "off", "request_log_days": 7,
 }
 
 
