@@ -10,17 +10,21 @@ from proxy.admission import BODIES_IN_BUDGET, RESERVED_BLUEPRINTS, Admission, Bo
 from proxy.auth import KeyEntry, Keys, RateLimiter, keyless_entry
 from proxy.config import Config
 from proxy.manager import ModelManager
+from proxy.observe import Observers, Recent
 from proxy.upstream import Upstream
 
 
 class ProxyContext:
     """The manager, the upstream client and the keys; `keys` is replaced when api_tokens.yml changes."""
 
-    def __init__(self, manager: ModelManager, upstream: Upstream, keys: Keys, started_at: float) -> None:
+    def __init__(self, manager: ModelManager, upstream: Upstream, keys: Keys, started_at: float,
+                 observers: Observers | None = None, recent: Recent | None = None) -> None:
         self.manager = manager
         self.upstream = upstream
         self.keys = keys
         self.started_at = started_at
+        self.recent = recent or Recent()  # the dashboard's last hour; fed through `observers`
+        self.observers = observers or Observers([self.recent])  # what every finished request is reported to
         self.limiter = RateLimiter()
         self.admission = Admission(manager.config.proxy.request_slots)  # threads are fixed until a restart
         self.bodies = BodyBudget(int(BODIES_IN_BUDGET * manager.config.proxy.max_body_mb * 1024 * 1024))
