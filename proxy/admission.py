@@ -17,7 +17,7 @@ from proxy.errors import RateLimited, ServerBusy
 RETRY_AFTER_S = 2
 BODIES_IN_BUDGET = 2  # request bodies in progress may take this many times proxy.max_body_mb together
 # Routes that are never counted: the reserve serves them (/health and /ping are there too).
-RESERVED_BLUEPRINTS = frozenset({"admin"})
+RESERVED_BLUEPRINTS = frozenset({"admin", "metrics"})
 
 
 class Once:

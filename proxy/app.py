@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,7 +30,9 @@ from proxy.errors import (
 )
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
-from proxy.routes import admin, anthropic, llamacpp, ollama, openai, passthrough, responses
+from proxy.observe import RequestRecord
+from proxy.metrics import Metrics
+from proxy.routes import admin, anthropic, llamacpp, metrics, ollama, openai, passthrough, responses
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -57,11 +60,16 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
         pool_size=config.proxy.threads,
         max_answer_bytes=int(config.proxy.max_answer_mb * 1024 * 1024),
     )
-    app.extensions["proxy"] = ProxyContext(manager, upstream, keys, time.time())
+    context = ProxyContext(manager, upstream, keys, time.time())
+    app.extensions["proxy"] = context
+    context.metrics = Metrics(manager, context.admission.in_progress)
+    context.observers.add(context.metrics)
+    manager.listen(context.observers.model_event)
     app.config["MAX_CONTENT_LENGTH"] = int(config.proxy.max_body_mb * 1024 * 1024)  # 413 beyond it
     if config.proxy.cors_origins:  # off by default: browsers may call the API only from these origins
         CORS(app, origins=list(config.proxy.cors_origins), allow_headers=["Authorization", "Content-Type",
              "x-api-key", "anthropic-version", "anthropic-beta"], expose_headers=["Retry-After"], max_age=600)
+    app.before_request(note_route)
     app.before_request(parse_json_body)
     if config.proxy.log_bodies:  # opt-in: bodies hold prompts
         app.before_request(log_body)
@@ -72,6 +80,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.register_blueprint(llamacpp.bp)
     app.register_blueprint(passthrough.bp)
     app.register_blueprint(responses.bp)
+    app.register_blueprint(metrics.bp)
 
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError) -> Response:
@@ -94,7 +103,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
         response.status_code = status
         return response
 
-    app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]  # the documented way to wrap
+    app.wsgi_app = AccessLog(app.wsgi_app, app.extensions["proxy"])  # type: ignore[method-assign]  # the documented way to wrap
     return app
 
 
@@ -155,28 +164,81 @@ def log_body() -> None:
 
 
 class AccessLog:
-    """WSGI middleware writing one line per request when its body is finished (streams included)."""
+    """WSGI middleware writing one line per request when its body is finished (streams included), and
+    reporting it to the operator's view (a RequestRecord to the Observers) unless it is a probe."""
 
-    def __init__(self, wrapped: WSGIApp) -> None:
+    def __init__(self, wrapped: WSGIApp, context: ProxyContext) -> None:
         self._wrapped = wrapped
+        self._context = context
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        started = time.monotonic()
+        arrived, started = time.time(), time.monotonic()
         status: list[str] = []
+        streamed: list[bool] = []
 
         def record_status(status_line: str, headers: Any, exc_info: Any = None) -> Any:
             status.append(status_line.split(" ", 1)[0])
+            kind = next((value for name, value in headers if name.lower() == "content-type"), "")
+            streamed.append(kind.startswith(("text/event-stream", "application/x-ndjson")))
             return start_response(status_line, headers, exc_info)
+
+        def done(body: _Counted) -> None:
+            elapsed = time.monotonic() - started
+            access_log.info("%s %s %s model=%s key=%s %.3fs %dB", environ.get("REQUEST_METHOD"),
+                            environ.get("PATH_INFO"), status[0] if status else "-", environ.get("proxy.model", "-"),
+                            environ.get("proxy.key", "-"), elapsed, body.sent)
+            if environ.get("proxy.route") is not None:  # None: a probe, a scrape, the dashboard's own traffic
+                self._context.observers.request_done(request_record(
+                    environ, arrived, elapsed, int(status[0]) if status and status[0].isdigit() else 0,
+                    bool(streamed and streamed[0]), body))
 
         try:
             body = self._wrapped(environ, record_status)
         except BaseException:
             release_slot(environ)
             raise
-        return _Counted(body, lambda: release_slot(environ), lambda sent: access_log.info(
-            "%s %s %s model=%s key=%s %.3fs %dB", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
-            status[0] if status else "-", environ.get("proxy.model", "-"), environ.get("proxy.key", "-"),
-            time.monotonic() - started, sent))
+        return _Counted(body, lambda: release_slot(environ), done)
+
+
+def note_route() -> None:
+    """Note the route and dialect of a request the operator's view records (probes and scrapes are not)."""
+    if request.url_rule is None or request.blueprint in UNRECORDED_BLUEPRINTS or request.path in UNRECORDED_PATHS:
+        return
+    request.environ["proxy.route"] = request.url_rule.rule
+    request.environ["proxy.dialect"] = DIALECTS.get(request.blueprint or "", "other")
+
+
+UNRECORDED_PATHS = frozenset({"/health", "/ping", "/status", "/", "/api/version"})
+UNRECORDED_BLUEPRINTS = frozenset({"metrics", "ui"})
+DIALECTS = {"openai": "openai", "passthrough": "openai", "ollama": "ollama", "anthropic": "anthropic",
+            "responses": "responses", "llamacpp": "llamacpp", "admin": "admin", "usage": "admin"}
+_USAGE = {  # in an answer's end: OpenAI's usage, Ollama's counts, Anthropic's and Responses' usage; then
+    # llama.cpp's timings, which streams carry without usage (prompt_n leaves out the cached prompt)
+    "prompt": (re.compile(rb'"(?:prompt_tokens|prompt_eval_count|input_tokens)"\s*:\s*(\d+)'),
+               re.compile(rb'"prompt_n"\s*:\s*(\d+)')),
+    "completion": (re.compile(rb'"(?:completion_tokens|eval_count|output_tokens)"\s*:\s*(\d+)'),
+                   re.compile(rb'"predicted_n"\s*:\s*(\d+)')),
+}
+USAGE_TAIL = 16384  # bytes of an answer's end searched for its usage
+
+
+def request_record(environ: dict[str, Any], arrived: float, elapsed: float, status: int, stream: bool,
+                   body: _Counted) -> RequestRecord:
+    """Return the operator's record of a finished request from what the request noted in its environ."""
+    lease = environ.get("proxy.lease")
+    ttft = None
+    if lease is not None and stream and body.first_at is not None:
+        ttft = max(0.0, body.first_at - lease.granted_at)
+    usage = _usage(body.tail()) if lease is not None else {}
+    length = environ.get("CONTENT_LENGTH") or "0"
+    return RequestRecord(
+        time=arrived, key=environ.get("proxy.key"), client=environ.get("REMOTE_ADDR") or "-",
+        route=environ["proxy.route"], dialect=environ.get("proxy.dialect", "other"), model=environ.get("proxy.model"),
+        status=status, error=environ.get("proxy.error"),
+        waited_s=None if lease is None else lease.waited_s, ttft_s=ttft, duration_s=elapsed,
+        prompt_tokens=usage.get("prompt"), completion_tokens=usage.get("completion"),
+        bytes_in=int(length) if length.isdigit() else 0, bytes_out=body.sent, stream=stream,
+        loaded=bool(lease is not None and lease.loaded))
 
 
 def release_slot(environ: dict[str, Any]) -> None:
@@ -187,17 +249,42 @@ def release_slot(environ: dict[str, Any]) -> None:
             held.release()
 
 
+def _usage(tail: bytes) -> dict[str, int]:
+    """Return the token counts an answer's end reports (the last of each), by kind: prompt, completion."""
+    found = {}
+    for kind, patterns in _USAGE.items():
+        for pattern in patterns:
+            figures = pattern.findall(tail)
+            if figures:
+                found[kind] = int(figures[-1])
+                break
+    return found
+
+
 class _Counted:
-    def __init__(self, body: Iterable[bytes], release: Callable[[], None], done: Callable[[int], None]) -> None:
+    """The answer's body as it leaves: counts its bytes, notes when the first one left, keeps its end."""
+
+    def __init__(self, body: Iterable[bytes], release: Callable[[], None], done: Callable[[_Counted], None]) -> None:
         self._body = body
         self._release = release
         self._done = done
-        self._sent = 0
+        self.sent = 0
+        self.first_at: float | None = None
+        self._last = b""     # the last two chunks: an answer's usage is in its end
+        self._before = b""
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
-            self._sent += len(chunk)
+            if chunk:
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
+                self.sent += len(chunk)
+                self._before, self._last = self._last, chunk
             yield chunk
+
+    def tail(self) -> bytes:
+        """Return the end of the answer (at most USAGE_TAIL bytes)."""
+        return (self._before + self._last)[-USAGE_TAIL:]
 
     def close(self) -> None:
         self._release()  # first: when the close below releases a lease, this slot is already free
@@ -206,4 +293,4 @@ class _Counted:
             if close is not None:
                 close()
         finally:
-            self._done(self._sent)
+            self._done(self)

@@ -10,6 +10,7 @@ from proxy.admission import BODIES_IN_BUDGET, RESERVED_BLUEPRINTS, Admission, Bo
 from proxy.auth import KeyEntry, Keys, RateLimiter, keyless_entry
 from proxy.config import Config
 from proxy.manager import ModelManager
+from proxy.metrics import Metrics
 from proxy.observe import Observers, Recent
 from proxy.upstream import Upstream
 
@@ -25,6 +26,7 @@ class ProxyContext:
         self.started_at = started_at
         self.recent = recent or Recent()  # the dashboard's last hour; fed through `observers`
         self.observers = observers or Observers([self.recent])  # what every finished request is reported to
+        self.metrics: Metrics  # set by create_app, which adds it to the observers
         self.limiter = RateLimiter()
         self.admission = Admission(manager.config.proxy.request_slots)  # threads are fixed until a restart
         self.bodies = BodyBudget(int(BODIES_IN_BUDGET * manager.config.proxy.max_body_mb * 1024 * 1024))

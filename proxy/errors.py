@@ -142,6 +142,14 @@ def openai_error_body(error: ProxyError) -> dict[str, Any]:
     return {"error": {"message": error.message, "type": error.kind, "code": error.code, "param": error.param}}
 
 
+def note_error(error: ProxyError) -> None:
+    """Note the error's code in the request's environ, for the access log and the operator's view."""
+    from flask import has_request_context, request
+
+    if has_request_context():
+        request.environ["proxy.error"] = error.code
+
+
 def render_openai_error(error: ProxyError) -> "Response":
     """Return a Flask response in OpenAI's error shape, with the error's status and headers."""
     from flask import jsonify  # errors.py stays importable without Flask for pure modules
@@ -149,6 +157,7 @@ def render_openai_error(error: ProxyError) -> "Response":
     response = jsonify(openai_error_body(error))
     response.status_code = error.status
     response.headers.update(error.headers())
+    note_error(error)
     return response
 
 
@@ -164,6 +173,7 @@ def render_ollama_error(error: ProxyError) -> "Response":
     response = jsonify(ollama_error_body(error))
     response.status_code = error.status
     response.headers.update(error.headers())
+    note_error(error)
     return response
 
 
@@ -190,6 +200,7 @@ def render_anthropic_error(error: ProxyError) -> "Response":
     response = jsonify(anthropic_error_body(error))
     response.status_code = error.status
     response.headers.update(error.headers())
+    note_error(error)
     return response
 
 

@@ -92,6 +92,7 @@ def run(prepared: Prepared, path: str, answer: Callable[[Opened], T], *, raw: Ra
     cancelled = request.environ.get("waitress.client_disconnected")  # see proxy/server.py
     with context.upstream.watching(cancelled):
         lease = context.manager.acquire(prepared.model.name, prepared.keep_alive_s, cancelled=cancelled)
+        request.environ["proxy.lease"] = lease  # its wait, and when it was granted, for the operator's view
         try:
             response = (context.upstream.post(lease, path, prepared.body) if raw is None
                         else context.upstream.post_raw(lease, path, raw))
@@ -116,7 +117,13 @@ def relay_answer(opened: Opened, transform: StreamTransform | None, error_event:
     chunks = opened.chunks()
     if transform is not None:
         chunks = transformed(chunks, transform)
-    body = relay(chunks, opened.response.close, opened.lease, error_event)
+    environ = request.environ
+
+    def noted(error: ProxyError) -> bytes:  # an in-band error: the access log and the operator's view see its code
+        environ["proxy.error"] = error.code
+        return error_event(error)
+
+    body = relay(chunks, opened.response.close, opened.lease, noted)
     return Response(body, status=opened.status, content_type=content_type, headers=dict(headers or {}))
 
 

@@ -53,7 +53,7 @@ class ModelManager:
         self._config = config
         self._launch = launch
         self._clock = clock
-        self._on_event = on_event
+        self._listeners: list[Listener] = [on_event] if on_event is not None else []  # see listen()
         self.memory = memory or Memory()
         self._budgets = self.memory.budgets(config)  # guarded by _cond; raises ConfigError (proxy.gpus: auto)
         self._needs(config, self._budgets)
@@ -97,6 +97,7 @@ class ModelManager:
                     step = self._next_step(ticket, deadline, wait_s)
                 if isinstance(step, Lease):
                     step.waited_s = time.monotonic() - started
+                    step.loaded = ticket.attempt_seen is not None
                     return step
                 step()  # a start or a stop this thread claimed; runs without the lock
         finally:
@@ -125,7 +126,7 @@ class ModelManager:
             if isinstance(decision, scheduling.Stop):
                 why = f": {decision.why}" if decision.why else ""
                 return self._claim_stop(self._models[decision.victim], reason=f"swap to {runtime.model.name}{why}",
-                                        successor=runtime.model)
+                                        successor=runtime.model, cause=decision.cause)
             if isinstance(decision, scheduling.Refuse):
                 raise InsufficientMemory(decision.reason)
             remaining = deadline - time.monotonic()
@@ -204,16 +205,16 @@ class ModelManager:
         return lambda: self._start(runtime, generation, placement)
 
     def _claim_stop(self, runtime: ModelRecord, reason: str, successor: ModelConfig | None = None,
-                    grace_s: float | None = None) -> Callable[[], None]:
+                    grace_s: float | None = None, cause: str = "requested") -> Callable[[], None]:
         process = runtime.process
         runtime.generation += 1
         runtime.leases = 0
         generation = runtime.generation
-        self._set_state(runtime, State.STOPPING, reason=reason)
+        self._set_state(runtime, State.STOPPING, reason=reason, cause=cause)
         grace_s = self._config.proxy.stop_grace_s if grace_s is None else grace_s
         return lambda: self._stop(runtime, process, generation, successor, grace_s)
 
-    def _set_state(self, runtime: ModelRecord, state: State, reason: str = "") -> None:
+    def _set_state(self, runtime: ModelRecord, state: State, reason: str = "", cause: str = "") -> None:
         """Commit a transition (under the lock): the one place that logs it and tells the listener."""
         previous = runtime.state
         if state not in TRANSITIONS[previous]:
@@ -225,11 +226,13 @@ class ModelManager:
         level = logging.ERROR if state is State.FAILED else logging.INFO
         log.log(level, "model %s: %s -> %s%s", runtime.model.name, previous.value, state.value,
                 f" ({reason})" if reason else "")
-        if self._on_event is not None:
-            try:
-                self._on_event(ModelEvent(runtime.model.name, previous, state, reason))
-            except Exception:  # an observer must never break the manager
-                log.exception("model %s: the event listener failed", runtime.model.name)
+        if self._listeners:
+            event = ModelEvent(runtime.model.name, previous, state, reason, cause)
+            for listener in self._listeners:
+                try:
+                    listener(event)
+                except Exception:  # an observer must never break the manager
+                    log.exception("model %s: the event listener failed", runtime.model.name)
 
     # ----- transitions (outside the lock) -------------------------------------------------------
 
@@ -289,7 +292,7 @@ class ModelManager:
             idle = [other for other in self._models.values() if other is not runtime and other.state is State.READY
                     and other.leases == 0 and not other.model.pinned]
             steps = [self._claim_stop(other, reason=f"{runtime.model.name} ran out of memory while loading; "
-                                                    "unloading every idle model and trying once more")
+                                                    "unloading every idle model and trying once more", cause="evicted")
                      for other in idle]
         log.warning("model %s: out of memory while loading; %s, then trying once more", runtime.model.name,
                     f"unloading {', '.join(other.model.name for other in idle)}" if idle else "no idle model to unload")
@@ -385,7 +388,7 @@ class ModelManager:
             runtime.last_output = f"last output:\n{tail}"
             log.error("model %s: backend exited unexpectedly with status %s; last output:\n%s",
                       runtime.model.name, returncode, tail)
-            self._set_state(runtime, State.STOPPED, reason="crashed")
+            self._set_state(runtime, State.STOPPED, reason="crashed", cause="crashed")
             self._adopt_replacement(runtime)
             self._cond.notify_all()
             if runtime.model.name in self._config.proxy.preload:
@@ -409,7 +412,7 @@ class ModelManager:
                     return max(0.0, min(upcoming, default=math.inf) - now)
                 runtime = due[0]
                 reason = "keep_alive=0" if runtime.keep_alive_s == 0 else "idle"
-                step = self._claim_stop(runtime, reason=reason)
+                step = self._claim_stop(runtime, reason=reason, cause="keep_alive_0" if reason != "idle" else "idle")
             step()
 
     def unload_when_idle(self, name: str) -> bool:
@@ -427,8 +430,11 @@ class ModelManager:
             self.wakeups.reaper.set()
             return True
 
-    def unload(self, name: str | None = None, *, force: bool = False, timeout_s: float | None = None) -> list[str]:
+    def unload(self, name: str | None = None, *, force: bool = False, timeout_s: float | None = None,
+               cause: str = "requested") -> list[str]:
         """Stop one model (or all); wait for their requests to finish unless force. Return those stopped.
+
+        `cause` says why for the event listener: requested (an admin) or reload.
 
         Raises ModelBusy when requests are still running after timeout_s.
         """
@@ -443,7 +449,7 @@ class ModelManager:
         deadline = time.monotonic() + wait_s
         try:
             for runtime in targets:
-                if self._unload_one(runtime, force, deadline, wait_s):
+                if self._unload_one(runtime, force, deadline, wait_s, cause):
                     stopped.append(runtime.model.name)
         finally:
             with self._cond:
@@ -452,7 +458,7 @@ class ModelManager:
                 self._cond.notify_all()
         return stopped
 
-    def _unload_one(self, runtime: ModelRecord, force: bool, deadline: float, wait_s: float) -> bool:
+    def _unload_one(self, runtime: ModelRecord, force: bool, deadline: float, wait_s: float, cause: str) -> bool:
         did_stop = False
         while True:
             with self._cond:
@@ -464,9 +470,11 @@ class ModelManager:
                 # generates, so it must not sit out the whole stop_grace before the SIGKILL.
                 grace_s = min(FORCED_STOP_GRACE_S, self._config.proxy.stop_grace_s) if force else None
                 if state is State.READY and (force or runtime.leases == 0):
-                    step = self._claim_stop(runtime, reason="admin, forced" if force else "admin", grace_s=grace_s)
+                    step = self._claim_stop(runtime, reason=f"{'reload' if cause == 'reload' else 'admin'}"
+                                                            f"{', forced' if force else ''}", grace_s=grace_s,
+                                            cause=cause)
                 elif state is State.STARTING and force:
-                    step = self._claim_stop(runtime, reason="admin, forced", grace_s=grace_s)
+                    step = self._claim_stop(runtime, reason="admin, forced", grace_s=grace_s, cause=cause)
                 if step is None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -567,7 +575,7 @@ class ModelManager:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            steps = [self._claim_stop(runtime, reason="shutdown")
+            steps = [self._claim_stop(runtime, reason="shutdown", cause="shutdown")
                      for runtime in self._models.values() if runtime.state in LOADED and runtime.process]
             for runtime in self._models.values():
                 if runtime.state is State.STARTING:  # spawn not yet published: the starter stops it
@@ -580,6 +588,11 @@ class ModelManager:
             self._cond.wait_for(lambda: self._starting_threads == 0, timeout=timeout_s)
 
     # ----- views --------------------------------------------------------------------------------
+
+    def listen(self, listener: Listener) -> None:
+        """Tell `listener` of every state transition from now on (see records.Listener)."""
+        with self._cond:
+            self._listeners.append(listener)
 
     def snapshot(self) -> list[ModelStatus]:
         """Return every model's status (a consistent copy taken under the lock)."""

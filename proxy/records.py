@@ -6,6 +6,7 @@ scheduling.ModelView for the policy), the tickets of waiting requests, leases, a
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -115,6 +116,7 @@ class ModelEvent:
     previous: State
     state: State
     reason: str
+    cause: str = ""  # why a model stops: idle, keep_alive_0, swap, evicted, requested, crashed, reload, shutdown
 
 
 Listener = Callable[[ModelEvent], None]
@@ -144,6 +146,8 @@ class Lease:
         self.base_url = process.base_url
         self.headers = process.headers
         self.waited_s = 0.0  # how long the request waited for it (queue, swap, load)
+        self.loaded = False  # the request started, or waited for, a load of the model
+        self.granted_at = time.monotonic()
         self._released = False
 
     @property

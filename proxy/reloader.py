@@ -78,7 +78,7 @@ class Reloader:
                  len(new.models), ", ".join(restart) or "none")
         for name in restart:
             try:
-                self._context.manager.unload(name, timeout_s=new.proxy.queue_timeout_s)
+                self._context.manager.unload(name, timeout_s=new.proxy.queue_timeout_s, cause="reload")
             except Exception as exc:  # a model still busy keeps its old profile until it stops
                 log.warning("model %s: not restarted after reload: %s", name, exc)
         return True

@@ -74,6 +74,7 @@ class Evict:
     victim: str
     busy: bool
     why: str = field(default="", compare=False)  # for the log line of the eviction
+    cause: str = field(default="swap", compare=False)  # swap: for the count of models; evicted: for memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,7 @@ class Stop:
 
     victim: str
     why: str = field(default="", compare=False)
+    cause: str = field(default="swap", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +172,8 @@ def eviction_for(snapshot: Snapshot, position: int) -> Eviction:
     victims, placement = min(plans, key=lambda plan: (sum(model.leases > 0 for model in plan[0]), len(plan[0]),
                                                       _room_left(snapshot, loaded, plan[1])))
     chosen = victims[0]
-    return Evict(chosen.name, busy=chosen.leases > 0, why=_why(snapshot, loaded, chosen, wanted, placement))
+    return Evict(chosen.name, busy=chosen.leases > 0, why=_why(snapshot, loaded, chosen, wanted, placement),
+                 cause="evicted" if _short(snapshot, loaded, placement) else "swap")
 
 
 def _placements(snapshot: Snapshot, need: Need) -> list[Placement]:
@@ -294,7 +297,7 @@ def decide(snapshot: Snapshot, position: int) -> Decision:
     if isinstance(eviction, Evict):
         if eviction.busy:
             return Wait(f"{eviction.victim} finishes its requests first")
-        return Stop(eviction.victim, eviction.why)
+        return Stop(eviction.victim, eviction.why, eviction.cause)
     if isinstance(eviction, Never):
         return Refuse(eviction.reason)
     return Wait(eviction.reason)
