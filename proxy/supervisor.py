@@ -8,10 +8,12 @@ to reap. Knows nothing of models' states, leases or clients.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import io
 import logging
 import os
+import queue
 import re
 import secrets
 import signal
@@ -22,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 from proxy.backends import LaunchPlan, Probe
 from proxy.errors import BackendFailed, BackendTimeout
@@ -30,6 +33,7 @@ from proxy.sessions import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TAIL_LINES = 200
 LINE_BYTES = 8 * 1024               # output read at a time: a line without newline is cut in pieces
@@ -271,7 +275,7 @@ def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
     mark = secrets.token_hex(8)  # inherited by whatever the backend starts, wrappers included
     env = {**os.environ, **plan.env, SPAWN_MARK: mark}
     try:
-        popen = subprocess.Popen(
+        popen = _FORKER.run(lambda: subprocess.Popen(
             plan.argv,
             cwd=plan.cwd,
             env=env,
@@ -280,7 +284,7 @@ def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=die_with_parent if _prctl is not None else None,
-        )
+        ))
     except OSError as exc:
         raise BackendFailed(f"{name}: cannot start the backend program ({exc.strerror or type(exc).__name__})",
                             detail=f"program {plan.argv[0]!r}") from exc
@@ -346,10 +350,40 @@ _prctl = _load_prctl()  # looked up before fork: the child between fork and exec
 def die_with_parent() -> None:
     """In a child between fork and exec: ask Linux to SIGKILL it when its parent dies."""
     # Linux: the kernel kills the child if the proxy dies without stopping it (SIGKILL, crash).
-    # The signal fires when the *thread* that forked exits; ours are the server's long-lived
-    # worker threads, which end only with the process.
+    # The signal fires when the *thread* that forked exits, so every fork happens in _FORKER's
+    # one thread, which ends only with the process (a start may run in a short-lived thread).
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _Forker:
+    """The one thread that starts every backend: a parent-death signal is tied to the forking thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def run(self, job: Callable[[], T]) -> T:
+        """Run `job` in the forker thread and return what it returns (or raise what it raises)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="backend-forker", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((job, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                done.set_result(job())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+
+_FORKER = _Forker()
 
 
 class PortPool:

@@ -597,6 +597,21 @@ def test_backend_dies_when_the_proxy_is_killed(spawner: Spawner, tmp_path: Path)
     wait_until(lambda: is_gone(backend), timeout_s=2, what="the backend to die with its parent")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_backend_started_from_a_short_lived_thread_outlives_that_thread(spawner: Spawner) -> None:
+    # Linux ties the parent-death signal to the thread that forked: a start run in a thread that
+    # then ends (a stream's lease waiter) must not take its backend with it.
+    started: list[BackendProcess] = []
+    thread = threading.Thread(target=lambda: started.append(spawner.fake("short-lived")))
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and started
+    started[0].wait_ready(timeout_s=10)
+    time.sleep(0.5)
+    assert not is_gone(started[0].pid), "the backend died with the thread that started it"
+    assert started[0].wait_ready(timeout_s=2) >= 0  # and it still answers
+
+
 @pytest.mark.parametrize(("tail", "reason"), [
     ("Traceback (most recent call last):\n  File \"/opt/tabby/common/model.py\", line 68\n"
      "ValueError: Models quantized with 'exl2' are not supported", "ValueError: Models quantized with 'exl2' are not supported"),
