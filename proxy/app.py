@@ -227,8 +227,9 @@ def request_record(environ: dict[str, Any], arrived: float, elapsed: float, stat
     """Return the operator's record of a finished request from what the request noted in its environ."""
     lease = environ.get("proxy.lease")
     ttft = None
-    if lease is not None and stream and body.first_at is not None:
-        ttft = max(0.0, body.first_at - lease.granted_at)
+    first_at = environ.get("proxy.first_byte_at", body.first_at)  # a stream with load progress notes its own
+    if lease is not None and stream and first_at is not None:
+        ttft = max(0.0, first_at - lease.granted_at)
     usage = _usage(body.tail()) if lease is not None else {}
     length = environ.get("CONTENT_LENGTH") or "0"
     return RequestRecord(

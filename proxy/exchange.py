@@ -9,6 +9,8 @@ it whole. However it ends, the backend request is closed and the lease released,
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -16,9 +18,10 @@ from flask import Response, request
 
 from proxy.app_context import ProxyContext
 from proxy.dialects.backend import error_message_from_upstream
-from proxy.errors import ProxyError, UpstreamError
-from proxy.manager import Lease
+from proxy.errors import ProxyError, UpstreamError, sse_error_event
+from proxy.manager import Lease, ModelManager
 from proxy.pipeline import Prepared
+from proxy.progress import PROGRESS_EVERY_S, progress_text
 from proxy.streaming import StreamTransform, relay, transformed
 from proxy.upstream import RawBody, Upstream
 
@@ -92,19 +95,123 @@ def run(prepared: Prepared, path: str, answer: Callable[[Opened], T], *, raw: Ra
     cancelled = request.environ.get("waitress.client_disconnected")  # see proxy/server.py
     with context.upstream.watching(cancelled):
         lease = context.manager.acquire(prepared.model.name, prepared.keep_alive_s, cancelled=cancelled)
-        request.environ["proxy.lease"] = lease  # its wait, and when it was granted, for the operator's view
+        return _answer_with(lease, prepared, path, answer, raw)
+
+
+def _answer_with(lease: Lease, prepared: Prepared, path: str, answer: Callable[[Opened], T],
+                 raw: RawBody | None = None) -> T:
+    """Send the prepared request on a lease just granted and return answer(opened) (see run)."""
+    context = ProxyContext.current()
+    request.environ["proxy.lease"] = lease  # its wait, and when it was granted, for the operator's view
+    try:
+        response = (context.upstream.post(lease, path, prepared.body) if raw is None
+                    else context.upstream.post_raw(lease, path, raw))
+    except BaseException:
+        lease.release()
+        raise
+    opened = Opened(context.upstream, lease, response)
+    try:
+        return answer(opened)
+    except BaseException:
+        opened.close()
+        raise
+
+
+def run_with_progress(prepared: Prepared, path: str, answer: Callable[[Opened], Response],
+                      transform: StreamTransform | None, frame: Callable[[str], bytes],
+                      headers: Mapping[str, str]) -> Response:
+    """Like run() for an OpenAI stream whose model is not ready: the stream opens at once and gets a
+    progress frame every second while the model loads or waits for room, then the answer's events.
+
+    A refusal that comes at once (the queue is full, the model can never fit) is still an HTTP error,
+    and a lease that comes at once takes run()'s path. Later errors, and a backend error status, end
+    the stream in-band. A client that leaves while waiting leaves the queue; a lease granted after it
+    left is released at once.
+    """
+    context = ProxyContext.current()
+    environ = request.environ
+    environ["proxy.model"] = prepared.model.name
+    cancelled = environ.get("waitress.client_disconnected")
+    waiter = _Waiter(context.manager, prepared, cancelled)
+    if waiter.done.wait(FIRST_WAIT_S):
+        with context.upstream.watching(cancelled):
+            return _answer_with(waiter.lease(), prepared, path, answer)
+
+    def body() -> Iterator[bytes]:
+        opened: Opened | None = None
+        started = time.monotonic()
         try:
-            response = (context.upstream.post(lease, path, prepared.body) if raw is None
-                        else context.upstream.post_raw(lease, path, raw))
-        except BaseException:
-            lease.release()
-            raise
-        opened = Opened(context.upstream, lease, response)
+            while not waiter.done.wait(PROGRESS_EVERY_S):
+                yield frame(progress_text(context.manager.status(prepared.model.name), time.monotonic() - started))
+            lease = waiter.lease()
+            environ["proxy.lease"] = lease
+            with context.upstream.watching(cancelled):
+                opened = Opened(context.upstream, lease, context.upstream.post(lease, path, prepared.body))
+            if opened.status != 200 or not opened.is_sse:
+                message = error_message_from_upstream(opened.read(), opened.status)
+                raise UpstreamError(opened.status, f"{lease.model_name}: {message}")
+            chunks = opened.chunks()
+            for number, chunk in enumerate(transformed(chunks, transform) if transform is not None else chunks):
+                if not number:  # after the progress frames: where the answer's time to first token ends
+                    environ["proxy.first_byte_at"] = time.monotonic()
+                yield chunk
+        except ProxyError as error:
+            environ["proxy.error"] = error.code
+            log.warning("stream ended early: %s", error.message)
+            yield sse_error_event(error)
+        finally:
+            if opened is not None:
+                opened.close()
+            waiter.abandon()
+
+    return Response(body(), status=200, content_type="text/event-stream", headers=dict(headers))
+
+
+FIRST_WAIT_S = 0.05  # a lease or a refusal within this time needs no progress
+
+
+class _Waiter:
+    """A thread that waits for a lease for a stream that is already open; the stream reads it."""
+
+    def __init__(self, manager: ModelManager, prepared: Prepared, cancelled: Callable[[], bool] | None) -> None:
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._lease: Lease | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._taken = False
+        threading.Thread(target=self._acquire, args=(manager, prepared, cancelled), name="lease-waiter",
+                         daemon=True).start()
+
+    def _acquire(self, manager: ModelManager, prepared: Prepared, cancelled: Callable[[], bool] | None) -> None:
         try:
-            return answer(opened)
-        except BaseException:
-            opened.close()
-            raise
+            lease = manager.acquire(prepared.model.name, prepared.keep_alive_s,
+                                    cancelled=lambda: self._abandoned or bool(cancelled and cancelled()))
+        except BaseException as exc:
+            self._error = exc
+        else:
+            with self._lock:
+                self._lease = lease
+                if self._abandoned:  # the stream has ended: nobody will use it
+                    lease.release()
+        finally:
+            self.done.set()
+
+    def lease(self) -> Lease:
+        """Return the lease (once done), or raise what acquire raised."""
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            assert self._lease is not None
+            self._taken = True
+            return self._lease
+
+    def abandon(self) -> None:
+        """The stream has ended: leave the queue, and release a lease nobody took."""
+        with self._lock:
+            self._abandoned = True
+            if self._lease is not None and not self._taken:
+                self._lease.release()
 
 
 def relay_answer(opened: Opened, transform: StreamTransform | None, error_event: ErrorEvent, *,

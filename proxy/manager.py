@@ -199,6 +199,7 @@ class ModelManager:
             ticket.attempt_seen = runtime.attempt
         runtime.keep_alive_s = runtime.default_keep_alive_s
         runtime.holds = dict(placement)
+        runtime.starting_since = time.monotonic()
         self._set_state(runtime, State.STARTING, reason=f"placed: {format_placement(placement)}" if placement else "")
         self._starting_threads += 1
         generation = runtime.generation
@@ -347,6 +348,8 @@ class ModelManager:
                 runtime.last_error = None
                 runtime.last_output = None
                 runtime.ready_since = time.time()
+                if runtime.starting_since is not None:
+                    runtime.last_load_s = time.monotonic() - runtime.starting_since
                 # The idle clock runs until a waiter takes its lease, so a model loaded for
                 # clients that all left still unloads on time.
                 runtime.deadline = self._clock() + runtime.keep_alive_s
@@ -604,6 +607,17 @@ class ModelManager:
                 queued[ticket.name] = queued.get(ticket.name, 0) + 1
             return [runtime.status(queued.get(name, 0), now_mono, now_wall, self._need(runtime.model))
                     for name, runtime in self._models.items()]
+
+    def ready_now(self, name: str) -> bool:
+        """Say whether a request for `name` would likely get its lease at once (ready, nobody waiting for it)."""
+        with self._cond:
+            runtime = self._models.get(name)
+            return (runtime is not None and runtime.state is State.READY
+                    and not any(ticket.name == name for ticket in self._queue))
+
+    def status(self, name: str) -> ModelStatus | None:
+        """Return one model's status (None when it is not configured)."""
+        return next((status for status in self.snapshot() if status.name == name), None)
 
     def budgets(self) -> dict[str, int]:
         """Return the bytes each device may hold (`gpu0`, `ram`); empty when memory is not counted."""

@@ -20,6 +20,7 @@ TABBY_SECTIONS = (
     "network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer", "memory",
 )
 BACKEND_KINDS = ("tabbyapi", "llamacpp", "command")
+LOAD_PROGRESS = ("comments", "reasoning", "off")
 CAPABILITIES = ("completion", "tools", "vision", "embedding", "insert", "thinking")
 DETAIL_KEYS = frozenset({"format", "family", "families", "parameter_size", "quantization_level", "size", "size_vram"})
 TEMPLATE_TEXT_KEYS = frozenset({"system", "system_time", "system_time_format"})
@@ -65,6 +66,9 @@ PROFILE_KEYS = (
                                                    "(`proxy.gpus`, `proxy.ram_budget`), see below"),
     ProfileKey("pinned", "`false`", "never evicted for another model; only `/unload`, a reload that changes it, "
                                     "or shutdown stops it"),
+    ProfileKey("load_progress", "`comments`", "what an OpenAI stream that waits for this model's load shows: "
+                                              "`comments` (SSE comments, invisible), `reasoning` (the progress as "
+                                              "reasoning text, for chat UIs), or `off` (nothing until the answer)"),
     ProfileKey("llamacpp", "none", "`llamacpp` only: the GGUF and how to run it, see below"),
     ProfileKey("command", "none", "`command` only: the server's command line and readiness, see below"),
 )  # and TabbyAPI's sections (TABBY_SECTIONS), merged over config.yml's
@@ -176,6 +180,7 @@ class ModelConfig:
     resident_group: str | None = None  # tabbyapi profiles sharing one process, swapped in place
     footprint: Need | None = None      # declared; None: learned or estimated (proxy/footprints.py)
     pinned: bool = False
+    load_progress: str = "comments"  # comments, reasoning or off
     devices: tuple[int, ...] | None = None  # the GPUs the scheduler placed it on: set on the launcher's copy only
 
     @property
@@ -242,6 +247,7 @@ def read_profile(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConfi
         resident_group=resident_group,
         footprint=_footprint(node.child("footprint")) if node.value.get("footprint") is not None else None,
         pinned=node.get("pinned", bool, False),
+        load_progress=_load_progress(node),
     )
 
 
@@ -294,6 +300,13 @@ def _details(node: ConfigNode) -> Details:
         size=sizes["size"],
         size_vram=sizes["size_vram"],
     )
+
+
+def _load_progress(node: ConfigNode) -> str:
+    mode: str = node.get("load_progress", str, "comments")
+    if mode not in LOAD_PROGRESS:
+        raise node.fail("load_progress", f"expected one of {', '.join(LOAD_PROGRESS)}, got {mode!r}")
+    return mode
 
 
 def _footprint(node: ConfigNode) -> Need:

@@ -49,6 +49,8 @@ class ModelStatus:
     need: Need = Need()          # its footprint, and where that came from
     holds: Placement = field(default_factory=dict)  # what it takes on each device while loaded
     pinned: bool = False
+    loading_s: float | None = None     # while starting: seconds since the start began
+    last_load_s: float | None = None   # how long its last successful start took
 
 
 class ModelRecord:
@@ -75,6 +77,8 @@ class ModelRecord:
         self.replacement: ModelConfig | None = None  # a reloaded profile, used from the next start
         self.removed = False             # its profile is gone: refuse requests, drop once stopped
         self.holds: dict[str, int] = {}  # the memory it takes per device while loaded (placed, then measured)
+        self.starting_since: float | None = None  # monotonic, while STARTING
+        self.last_load_s: float | None = None     # its last successful start's duration
 
     def view(self, need: Need) -> ModelView:
         """Return what the scheduling policy needs of this model, whose footprint is `need`."""
@@ -105,6 +109,9 @@ class ModelRecord:
             need=need,
             holds=dict(self.holds),
             pinned=self.model.pinned,
+            loading_s=(time.monotonic() - self.starting_since
+                       if self.state is State.STARTING and self.starting_since is not None else None),
+            last_load_s=self.last_load_s,
         )
 
 

@@ -3,6 +3,8 @@ is the model's name (dialects/openai.py); no processes."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -14,6 +16,7 @@ from proxy.dialects.openai import model_field_replacements, renamed, renames_mod
 from proxy.errors import ProxyError, render_openai_error, sse_error_event
 from proxy.exchange import Opened, json_body
 from proxy.pipeline import Prepared, prepare, resolve_model
+from proxy.progress import comment_frame, reasoning_frame
 from proxy.streaming import Replacer
 
 bp = Blueprint("openai", __name__)
@@ -73,7 +76,17 @@ def model_card(context: ProxyContext, model: ModelConfig, state: str) -> dict[st
 
 
 def forward(kind: str, path: str) -> Response:
-    prepared = prepare(ProxyContext.current().config, json_body(), kind)
+    context = ProxyContext.current()
+    prepared = prepare(context.config, json_body(), kind)
+    mode = prepared.model.load_progress
+    if prepared.stream and mode != "off" and not context.manager.ready_now(prepared.model.name):
+        model = prepared.model
+        frame: Callable[[str], bytes] = comment_frame
+        if mode == "reasoning" and kind == "chat":
+            frame = functools.partial(reasoning_frame, model=model.name)
+        renamer = Replacer(model_field_replacements(model)) if renames_model(model) else None
+        return exchange.run_with_progress(prepared, path, lambda opened: answer(opened, prepared), renamer, frame,
+                                          STREAM_HEADERS)
     return exchange.run(prepared, path, lambda opened: answer(opened, prepared))
 
 
