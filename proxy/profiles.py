@@ -101,6 +101,10 @@ COMMAND_KEYS = (
                                                        "`config.yml`'s folder"),
     ProfileKey("model_id", "the profile name", "the id the server serves; when set (and `health_path` is not "
                                                "`none`), readiness also requires it in `/v1/models`"),
+    ProfileKey("stop_cmd", "none (signals)", "a command run to stop the server instead of signals, with the same "
+                                             "macros (`docker stop ${MODEL}-${PORT}`), for servers that are not the "
+                                             "proxy's children; the signals follow if the server is still up after "
+                                             "`stop_grace`"),
 )
 
 
@@ -154,6 +158,7 @@ class CommandSettings:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     cwd: str | None = None  # macros allowed; relative to config.yml's folder once expanded
     model_id: str | None = None
+    stop_argv: tuple[str, ...] | None = None  # stop_cmd, split like cmd
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +391,12 @@ def _command(node: ConfigNode, base: Path) -> CommandSettings:
         raise node.fail("health_path", f'expected a path like "/health" or "none", got {health!r}')
     env = node.get("env", dict, {})
     cwd = node.get("cwd", str, None)
-    for key, texts in (("cmd", argv), ("env", env.values()), ("cwd", [cwd] if cwd else [])):
+    stop = node.get("stop_cmd", (list, str), None)
+    stop_argv = None if stop is None else shlex.split(stop) if isinstance(stop, str) else stop
+    if stop_argv is not None and (not stop_argv or not all(isinstance(arg, str | int | float) for arg in stop_argv)):
+        raise node.fail("stop_cmd", f"expected a command line (a string or a list), got {stop!r}")
+    for key, texts in (("cmd", argv), ("env", env.values()), ("cwd", [cwd] if cwd else []),
+                       ("stop_cmd", stop_argv or [])):
         for text in texts:
             unknown = set(MACRO.findall(str(text))) - set(COMMAND_MACROS)
             if unknown:
@@ -398,5 +408,6 @@ def _command(node: ConfigNode, base: Path) -> CommandSettings:
         env=MappingProxyType({str(key): str(value) for key, value in env.items()}),
         cwd=cwd,
         model_id=node.get("model_id", str, None),
+        stop_argv=None if stop_argv is None else tuple(str(arg) for arg in stop_argv),
     )
 

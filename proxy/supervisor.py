@@ -135,6 +135,8 @@ class BackendProcess:
         self._stop_grace_s = grace_s
         self._stopping.set()
         try:
+            if self.plan.stop_argv is not None and self._popen.poll() is None and self._stop_command(grace_s):
+                return self._popen.returncode
             if self._popen.poll() is None or self._session():
                 self._signal_session(signal.SIGTERM)
                 if not self._wait_gone(grace_s):
@@ -149,6 +151,24 @@ class BackendProcess:
         finally:
             self._stopped.set()
         return self._popen.returncode
+
+    def _stop_command(self, grace_s: float) -> bool:
+        """Run the plan's stop command (a container's `docker stop`); return whether the backend is gone after it."""
+        assert self.plan.stop_argv is not None
+        started = time.monotonic()
+        try:
+            done = subprocess.run(self.plan.stop_argv, cwd=self.plan.cwd, stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=grace_s, check=False)
+            if done.returncode != 0:
+                log.warning("model %s: stop_cmd exited with %s: %s", self.name, done.returncode,
+                            done.stderr.decode("utf-8", "replace").strip()[-300:])
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("model %s: stop_cmd failed (%s); sending signals", self.name, type(exc).__name__)
+        if self._wait_gone(max(0.0, grace_s - (time.monotonic() - started))):
+            return True
+        log.warning("model %s: pid %d still runs after stop_cmd and %gs; sending signals", self.name, self.pid,
+                    grace_s)
+        return False
 
     def _session(self) -> list[ProcessStat]:
         """Return what still runs in the backend's session (a wrapper's children, a server's workers)."""

@@ -32,6 +32,7 @@ class LaunchPlan:
     cwd: Path | None = None
     files: Mapping[Path, str] = field(default_factory=lambda: MappingProxyType({}))
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    stop_argv: tuple[str, ...] | None = None  # run to stop it (a container's `docker stop`), before any signal
 
     @property
     def base_url(self) -> str:

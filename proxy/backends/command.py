@@ -56,4 +56,5 @@ def plan(model: ModelConfig, config: Config, port: int) -> LaunchPlan:
         probe=probe,
         env={key: expand(value) for key, value in settings.env.items()},
         cwd=cwd,
+        stop_argv=None if settings.stop_argv is None else tuple(expand(arg) for arg in settings.stop_argv),
     )
