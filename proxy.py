@@ -1,5 +1,5 @@
 """Run the proxy: python proxy.py [--config config.yml] [--host H] [--port P]; manage keys with
-python proxy.py keys add|list|remove|rotate.
+python proxy.py keys add|list|remove|rotate; see usage and what is loaded with python proxy.py usage|status.
 
 A thin script: flags, logging, config, the app on waitress, and one finally that drains running
 answers and stops every child.
@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.app import create_app
 from proxy.auth import add_key, list_keys, load_keys, remove_key, rotate_key
+from proxy.cli import print_status, print_usage
 from proxy.config import ConfigError, load_config
 from proxy.footprints import Memory
 from proxy.housekeeping import start_housekeeping
@@ -33,7 +34,7 @@ log = logging.getLogger("proxy")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Model-swapping proxy for local LLM servers.")
-    parser.add_argument("--config", default="config.yml", help="config file (default: config.yml); before `keys`")
+    parser.add_argument("--config", default="config.yml", help="config file (default: config.yml); before the command")
     parser.add_argument("--host", help="address to listen on (overrides proxy.host)")
     parser.add_argument("--port", help="port to listen on, 1-65535 (overrides proxy.port)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     actions.add_parser("list", help="list key names (never the keys)")
     actions.add_parser("remove", help="remove a named key").add_argument("name")
     actions.add_parser("rotate", help="give a key a new value and print it once").add_argument("name")
+    usage = commands.add_parser("usage", help="requests, errors, tokens and latency from the request log "
+                                              "(reads it directly: no running proxy needed)")
+    usage.add_argument("--since", default="7d", help="how far back: 30m, 24h, 7d, ... (default: 7d)")
+    usage.add_argument("--by", default="model", choices=["key", "model", "day"], help="group by (default: model)")
+    commands.add_parser("status", help="what the running proxy has loaded (asks its /status with the admin key "
+                                       "from api_tokens.yml; honours --host and --port)")
     args = parser.parse_args(argv)
     if args.port is not None and not (args.port.isascii() and args.port.isdigit() and 0 < int(args.port) < 65536):
         print(f"error: --port: expected a TCP port 1-65535, got {args.port!r}", file=sys.stderr)
@@ -57,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "keys":
             return manage_keys(args, config.proxy.api_tokens_path)
+        if args.command == "usage":
+            return print_usage(config.proxy, args.since, args.by)
         port = None if args.port is None else int(args.port)
         overrides = {key: value for key, value in (("host", args.host), ("port", port)) if value is not None}
         config = dataclasses.replace(config, proxy=dataclasses.replace(config.proxy, **overrides))
+        if args.command == "status":
+            return print_status(config)
         keys_loaded = load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

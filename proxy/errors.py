@@ -117,6 +117,22 @@ class Unsupported(ProxyError):
     kind = "invalid_request_error"
 
 
+class Disabled(ProxyError):
+    """A feature the configuration turns off (the request log under `proxy.request_log: off`)."""
+
+    status = 409
+    code = "disabled"
+    kind = "invalid_request_error"
+
+
+class Unavailable(RetryLater):
+    """A store the proxy reads is down or unreadable (the request log's database); retry later."""
+
+    status = 503
+    code = "unavailable"
+    kind = "server_error"
+
+
 class BackendFailed(ProxyError):
     status = 502
     code = "backend_failed"
