@@ -299,7 +299,7 @@ def test_a_full_queue_drops_rows_without_blocking_and_counts_them(target: Target
         elapsed = time.perf_counter() - started
         assert log.queued == 10_000
         assert log.dropped == 10_000  # the queue holds 10,000: the rest were dropped, none blocked
-    assert elapsed < 0.5, f"20,000 request_done calls took {elapsed:.3f}s against a stalled writer"
+    assert elapsed < 1.0, f"20,000 request_done calls took {elapsed:.3f}s against a stalled writer"
     FIGURES[f"request_log_{target.kind}_20000_records_into_a_stalled_writer_s"] = round(elapsed, 4)
     assert log.flush(30)
     assert target.count_rows() == 2 + 10_000 and log.written == 10_002 and log.dropped == 10_000
@@ -437,7 +437,7 @@ def test_parse_window_refuses(text: str) -> None:
 def test_percentile_interpolates_between_ranks() -> None:
     assert percentile([], 50) is None
     assert percentile([5.0], 95) == 5.0
-    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 4.0], 50) == 2.0 and percentile([1.0, 2.0, 4.0], 75) == 3.0
     assert percentile([float(n) for n in range(1, 11)], 95) == pytest.approx(9.55)
 
 
