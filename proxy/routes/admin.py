@@ -42,14 +42,19 @@ def status() -> Response:
     context = ProxyContext.current()
     caller = context.authorize()  # pids, ports and backend errors are not for anonymous callers
     admin = caller is None or caller.admin  # None: auth is off, and so is every admin check
+    return jsonify(status_body(context, admin=admin))
+
+
+def status_body(context: ProxyContext, *, admin: bool) -> dict[str, Any]:
+    """Return /status's answer (also the dashboard's live events); backend output only for admins."""
     snapshot = context.manager.snapshot()
-    return jsonify({
+    return {
         "version": proxy.__version__,
         "uptime_s": round(time.time() - context.started_at, 3),
         "max_loaded_models": context.config.proxy.max_loaded_models,
         "models": [status_record(entry, admin=admin) for entry in snapshot],
         "memory": memory_record(context.manager.budgets(), snapshot, context.manager.memory.devices()),
-    })
+    }
 
 
 def memory_record(budgets: dict[str, int], snapshot: list[ModelStatus], seen: list[Device]) -> list[dict[str, Any]]:
