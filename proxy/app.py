@@ -32,7 +32,7 @@ from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
 from proxy.observe import RequestRecord
 from proxy.metrics import Metrics
-from proxy.routes import admin, anthropic, llamacpp, metrics, ollama, openai, passthrough, responses
+from proxy.routes import admin, anthropic, llamacpp, metrics, ollama, openai, passthrough, responses, ui
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -50,7 +50,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     Each dependency may be passed in (tests give an in-memory manager or an upstream of their own);
     what is not passed is built from the config.
     """
-    app = Flask("proxy")
+    app = Flask("proxy", static_folder=None)  # the dashboard serves its own files, under /ui/static
     app.json = StrictJSON(app)
     manager = manager or ModelManager(config, ProcessLauncher(config))
     keys = keys or load_keys(config.proxy.api_tokens_path, disabled=config.proxy.disable_auth)
@@ -81,6 +81,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.register_blueprint(passthrough.bp)
     app.register_blueprint(responses.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(ui.bp)
 
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError) -> Response:
