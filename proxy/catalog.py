@@ -15,7 +15,7 @@ from typing import Any
 from proxy.config import Config, ModelConfig
 from proxy.dialects.ollama_records import rfc3339_local
 
-FORMATS = {"llamacpp": "gguf", "tabbyapi": "exl3", "command": ""}
+FORMATS = {"llamacpp": "gguf", "tabbyapi": "exl3", "command": "", "remote": ""}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ def build_entry(model: ModelConfig, config: Config) -> CatalogEntry:
     on_gpu = model.backend != "llamacpp" or bool(model.llamacpp and model.llamacpp.n_gpu_layers)
     size_vram = details.size_vram if details.size_vram is not None else (size if on_gpu else 0)
     mtimes = [_mtime(path) for path in (model.source, *files)]
-    digest = hashlib.sha256(model.name.encode() + b"\0" + model.source.read_bytes()).hexdigest()
+    digest = hashlib.sha256(model.name.encode() + b"\0" + _profile_bytes(model)).hexdigest()
     family = details.family
     return CatalogEntry(
         model=model,
@@ -114,6 +114,17 @@ def model_files(model: ModelConfig, config: Config) -> list[Path]:
         folder = config.proxy.tabby_dir / model_dir / model.upstream_model
         return [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
     return []
+
+
+def _profile_bytes(model: ModelConfig) -> bytes:
+    """Return what the digest is made of: the profile file, or for a peer's model (whose source is config.yml,
+    where the peer is named) the peer and its id."""
+    if model.remote is not None and model.remote.peer is not None:
+        return f"{model.remote.peer}\0{model.upstream_model}".encode()
+    try:
+        return model.source.read_bytes()
+    except OSError:  # removed since it was read; the next reload drops it
+        return b""
 
 
 def _size(path: Path) -> int:

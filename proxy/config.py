@@ -7,6 +7,7 @@ path and the bad value. The keys are declared in `settings.py` (`proxy:`) and `p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -22,6 +23,7 @@ from proxy.profiles import (
     Details,
     LlamaCppSettings,
     ModelConfig,
+    RemoteSettings,
     Template,
     deep_merge,
     is_pattern,
@@ -31,7 +33,7 @@ from proxy.settings import ProxySettings, read_proxy_settings
 
 __all__ = [
     "MACRO", "CommandSettings", "Config", "ConfigError", "Details", "LlamaCppSettings", "ModelConfig",
-    "ProxySettings", "Template", "deep_merge", "load_config",
+    "ProxySettings", "RemoteSettings", "Template", "deep_merge", "load_config", "with_models",
 ]
 
 
@@ -101,6 +103,16 @@ def load_config(path: str | Path, *, empty_ok: bool = True) -> Config:
     )
 
 
+def with_models(config: Config, models: Mapping[str, ModelConfig]) -> Config:
+    """Return `config` serving `models` instead (the local profiles and the peers' models, proxy/peers.py).
+
+    Raises ConfigError when two of them claim one name; the default stays the local one, if it is kept.
+    """
+    default = config.default_model if config.default_model in models else None
+    return dataclasses.replace(config, models=MappingProxyType(dict(models)),
+                               names=MappingProxyType(_names(models)), default_model=default)
+
+
 def _names(models: Mapping[str, ModelConfig]) -> dict[str, str]:
     """Return every lower-cased name and alias with its profile; raise ConfigError on a clash."""
     names: dict[str, str] = {}
@@ -118,7 +130,8 @@ def _check_memory(path: Path, proxy: ProxySettings, models: Mapping[str, ModelCo
     for name in proxy.preload:
         if name not in models:
             raise ConfigError(f"{path}: proxy.preload: no profile named {name!r} (known: {', '.join(models) or 'none'})")
-    pinned = [model.name for model in models.values() if model.pinned]
-    if pinned and len(pinned) < len(models) and len(pinned) >= proxy.max_loaded_models:
+    local = [model for model in models.values() if model.runs_here]  # a remote model takes no slot
+    pinned = [model.name for model in local if model.pinned]
+    if pinned and len(pinned) < len(local) and len(pinned) >= proxy.max_loaded_models:
         raise ConfigError(f"{path}: proxy.max_loaded_models is {proxy.max_loaded_models} but {len(pinned)} profile(s) "
                           f"are pinned ({', '.join(pinned)}): no other model could ever load; raise max_loaded_models")

@@ -3,7 +3,9 @@
 A route reads and translates the request (pipeline.py prepares it: model, keep_alive, template);
 run() takes the lease and sends it, watching for a client that leaves while it waits; the route's
 answer function then relays the backend's answer through the dialect's stream transform, or gathers
-it whole. However it ends, the backend request is closed and the lease released, exactly once.
+it whole. However it ends, the backend request is closed and the lease released, exactly once; a
+backend that could not be reached or broke off is told (Lease.report_failure), so a gone remote is
+checked anew by the next request.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flask import Response, request
 
 from proxy.app_context import ProxyContext
 from proxy.dialects.backend import error_message_from_upstream
-from proxy.errors import ProxyError, UpstreamError, sse_error_event
+from proxy.errors import BackendFailed, BackendTimeout, ProxyError, UpstreamError, sse_error_event
 from proxy.manager import Lease, ModelManager
 from proxy.pipeline import Prepared
 from proxy.progress import PROGRESS_EVERY_S, progress_text
@@ -61,6 +63,9 @@ class Opened:
         """Return the whole answer (at most proxy.max_answer_mb) and close."""
         try:
             return self._upstream.read(self.lease, self.response)
+        except ProxyError as error:
+            report(self.lease, error)
+            raise
         finally:
             self.close()
 
@@ -79,6 +84,12 @@ class Opened:
 
 
 T = TypeVar("T")
+
+
+def report(lease: Lease, error: BaseException) -> None:
+    """Tell the backend when a request could not reach it, or lost it mid-answer (see Lease.report_failure)."""
+    if isinstance(error, BackendFailed | BackendTimeout):
+        lease.report_failure()
 
 
 def run(prepared: Prepared, path: str, answer: Callable[[Opened], T], *, raw: RawBody | None = None) -> T:
@@ -106,8 +117,11 @@ def _answer_with(lease: Lease, prepared: Prepared, path: str, answer: Callable[[
     try:
         response = (context.upstream.post(lease, path, prepared.body) if raw is None
                     else context.upstream.post_raw(lease, path, raw))
-    except BaseException:
-        lease.release()
+    except BaseException as error:
+        try:
+            report(lease, error)
+        finally:
+            lease.release()
         raise
     opened = Opened(context.upstream, lease, response)
     try:
@@ -139,6 +153,7 @@ def run_with_progress(prepared: Prepared, path: str, answer: Callable[[Opened], 
 
     def body() -> Iterator[bytes]:
         opened: Opened | None = None
+        lease: Lease | None = None
         started = time.monotonic()
         try:
             while not waiter.done.wait(PROGRESS_EVERY_S):
@@ -158,6 +173,8 @@ def run_with_progress(prepared: Prepared, path: str, answer: Callable[[Opened], 
         except ProxyError as error:
             environ["proxy.error"] = error.code
             log.warning("stream ended early: %s", error.message)
+            if lease is not None:
+                report(lease, error)
             yield sse_error_event(error)
         finally:
             if opened is not None:
@@ -228,6 +245,7 @@ def relay_answer(opened: Opened, transform: StreamTransform | None, error_event:
 
     def noted(error: ProxyError) -> bytes:  # an in-band error: the access log and the operator's view see its code
         environ["proxy.error"] = error.code
+        report(opened.lease, error)
         return error_event(error)
 
     body = relay(chunks, opened.response.close, opened.lease, noted)
@@ -250,5 +268,8 @@ def gather(opened: Opened, transform: StreamTransform) -> None:
                                          "(proxy.max_answer_mb); stream it instead")
             transform.feed(chunk)
         transform.flush()
+    except ProxyError as error:
+        report(opened.lease, error)
+        raise
     finally:
         opened.close()

@@ -1,7 +1,8 @@
 """Launching a model's backend: what the manager needs of one (Launch, Backend) and the real launcher.
 
 ProcessLauncher takes a port from the pool, the backend's plan and a supervised child; profiles
-with a `resident_group` go through Residents. The manager decides when; this module only starts.
+with a `resident_group` go through Residents, and remote ones (`remote`, peers' models) start
+nothing (backends/remote.py). The manager decides when; this module only starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from proxy.backends import plan_launch, visible_devices
+from proxy.backends.remote import RemoteBackend
 from proxy.config import Config, ModelConfig
 from proxy.nvml import Gpus
 from proxy.resident import Residents
@@ -21,12 +23,12 @@ ExitCallback = Callable[[Any, int], None]
 
 
 class Backend(Protocol):
-    """What the manager needs of a running backend (supervisor.BackendProcess, or a test fake)."""
+    """What the manager needs of a running backend (supervisor.BackendProcess, a RemoteBackend, or a test fake)."""
 
     @property
-    def pid(self) -> int: ...
+    def pid(self) -> int | None: ...   # None: nothing runs here (a remote server)
     @property
-    def port(self) -> int: ...
+    def port(self) -> int | None: ...
     @property
     def base_url(self) -> str: ...
     @property
@@ -36,6 +38,11 @@ class Backend(Protocol):
     def wait_ready(self, probe: Any = None, timeout_s: float = ...) -> float: ...
     def stop(self, grace_s: float, successor: ModelConfig | None = None) -> int | None: ...
     def tail(self, lines: int = ...) -> str: ...
+    def check_alive(self) -> None:
+        """A request to it failed: look whether it is still there, and report it gone through the exit
+        callback if not (a process's exit is watched already, so processes need do nothing)."""
+    def exit_reason(self, returncode: int) -> str:
+        """Say how it ended on its own, for /status and the log: "the backend exited unexpectedly (...)"."""
 
 
 Launch = Callable[[ModelConfig, ExitCallback], Backend]
@@ -65,6 +72,8 @@ class ProcessLauncher:
         self._config = source
 
     def __call__(self, model: ModelConfig, on_exit: ExitCallback) -> Backend:
+        if model.remote is not None:
+            return RemoteBackend(model, on_exit)
         if model.backend == "tabbyapi" and model.resident_group:
             return self._residents.launch(model, on_exit)
         return self._spawn_process(model, on_exit)

@@ -266,7 +266,7 @@ class ModelManager:
         if self._become_ready(runtime, generation, started):
             process.stop(self._config.proxy.stop_grace_s)
             return
-        measured = self.memory.measure(model, process.pid)
+        measured = self.memory.measure(model, process.pid) if process.pid is not None else {}
         if measured:
             with self._cond:
                 if generation == runtime.generation:
@@ -291,7 +291,7 @@ class ModelManager:
                 runtime.process = None
             holds = dict(runtime.holds)
             idle = [other for other in self._models.values() if other is not runtime and other.state is State.READY
-                    and other.leases == 0 and not other.model.pinned]
+                    and other.leases == 0 and not other.model.pinned and other.model.runs_here]
             steps = [self._claim_stop(other, reason=f"{runtime.model.name} ran out of memory while loading; "
                                                     "unloading every idle model and trying once more", cause="evicted")
                      for other in idle]
@@ -365,7 +365,7 @@ class ModelManager:
             if process is not None:
                 # The successor lets a resident TabbyAPI swap in place instead of restarting.
                 returncode = process.stop(grace_s, successor)
-                reason = f"pid {process.pid}: {describe_exit(returncode)}"
+                reason = f"pid {process.pid}: {describe_exit(returncode)}" if process.pid is not None else ""
         except Exception:  # the slot must not stay STOPPING forever; the error is in the log
             log.exception("model %s: error while stopping pid %s", runtime.model.name, process and process.pid)
         with self._cond:
@@ -383,15 +383,17 @@ class ModelManager:
                 return  # a stop we asked for, or a start that will report its own failure
             process = runtime.process
             tail = process.tail(10) if process is not None else ""
+            why = (process.exit_reason(returncode) if process is not None
+                   else f"the backend exited unexpectedly (exit status {returncode})")
             runtime.generation += 1
             runtime.leases = 0
             runtime.process = None
             runtime.ready_since = None
-            runtime.last_error = f"{runtime.model.name}: the backend exited unexpectedly (exit status {returncode})"
-            runtime.last_output = f"last output:\n{tail}"
-            log.error("model %s: backend exited unexpectedly with status %s; last output:\n%s",
-                      runtime.model.name, returncode, tail)
-            self._set_state(runtime, State.STOPPED, reason="crashed", cause="crashed")
+            runtime.last_error = f"{runtime.model.name}: {why}"
+            runtime.last_output = f"last output:\n{tail}" if tail else None
+            log.error("model %s: %s%s", runtime.model.name, why, f"; last output:\n{tail}" if tail else "")
+            self._set_state(runtime, State.STOPPED, reason="crashed" if process is None or process.pid is not None
+                            else "unreachable", cause="crashed")
             self._adopt_replacement(runtime)
             self._cond.notify_all()
             if runtime.model.name in self._config.proxy.preload:

@@ -1,5 +1,5 @@
-"""Model profiles (model_configs/<name>.yml): the keys a profile and its `llamacpp:` and `command:`
-sections may hold, declared once with their README rows, and reading one file into a frozen
+"""Model profiles (model_configs/<name>.yml): the keys a profile and its `llamacpp:`, `command:` and
+`remote:` sections may hold, declared once with their README rows, and reading one file into a frozen
 `ModelConfig` merged over config.yml's TabbyAPI sections. Finding the files is `config.py`'s.
 """
 
@@ -14,12 +14,13 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy.config_node import ConfigError, ConfigNode, read_yaml
+from proxy.endpoints import Endpoint, read_endpoint
 from proxy.memory import Need, parse_size
 
 TABBY_SECTIONS = (
     "network", "logging", "model", "draft_model", "lora", "embeddings", "sampling", "developer", "memory",
 )
-BACKEND_KINDS = ("tabbyapi", "llamacpp", "command")
+BACKEND_KINDS = ("tabbyapi", "llamacpp", "command", "remote")
 LOAD_PROGRESS = ("comments", "reasoning", "off")
 CAPABILITIES = ("completion", "tools", "vision", "embedding", "insert", "thinking")
 DETAIL_KEYS = frozenset({"format", "family", "families", "parameter_size", "quantization_level", "size", "size_vram"})
@@ -41,7 +42,8 @@ class ProfileKey:
 
 
 PROFILE_KEYS = (
-    ProfileKey("backend", "`tabbyapi`", "`tabbyapi`, `llamacpp` or `command`"),
+    ProfileKey("backend", "`tabbyapi`", "`tabbyapi`, `llamacpp`, `command`, or `remote` (a server the proxy does "
+                                        "not start, see Several machines)"),
     ProfileKey("aliases", "none", "extra names (a string or a list); may contain `:` and `/`; `*` and `?` make "
                                   "a pattern (`claude-*`) that names not claimed exactly resolve to"),
     ProfileKey("default", "`false`", "used when a request names no model; at most one profile may set it"),
@@ -71,6 +73,7 @@ PROFILE_KEYS = (
                                               "reasoning text, for chat UIs), or `off` (nothing until the answer)"),
     ProfileKey("llamacpp", "none", "`llamacpp` only: the GGUF and how to run it, see below"),
     ProfileKey("command", "none", "`command` only: the server's command line and readiness, see below"),
+    ProfileKey("remote", "none", "`remote` only: the server's URL, key and model id, see Several machines"),
 )  # and TabbyAPI's sections (TABBY_SECTIONS), merged over config.yml's
 LLAMACPP_KEYS = (
     ProfileKey("model_path", "—", "a GGUF file"),
@@ -105,6 +108,17 @@ COMMAND_KEYS = (
                                              "macros (`docker stop ${MODEL}-${PORT}`), for servers that are not the "
                                              "proxy's children; the signals follow if the server is still up after "
                                              "`stop_grace`"),
+)
+
+REMOTE_KEYS = (
+    ProfileKey("url", "required", "the server's root URL (`http://gpu-box:8080`; a trailing `/v1` is tolerated); "
+                                  "a user and password in it are sent as Basic auth and never shown"),
+    ProfileKey("api_key", "none", "the key sent to it as `Authorization: Bearer`; never logged"),
+    ProfileKey("api_key_env", "none", "the name of an environment variable that holds the key, read at start "
+                                      "(and at each reload) instead of `api_key`"),
+    ProfileKey("model_id", "the profile name", "the id the server serves the model by; when set, readiness "
+                                               "also requires it in the server's `/v1/models`"),
+    ProfileKey("timeout", "`10`", "seconds the readiness check (`GET /v1/models`) may take"),
 )
 
 
@@ -162,6 +176,17 @@ class CommandSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteSettings:
+    """A server that runs elsewhere and that the proxy never starts: a `remote` profile, or a peer's model."""
+
+    endpoint: Endpoint
+    model_id: str | None = None
+    timeout_s: float = 10.0
+    peer: str | None = None    # the peer proxy (proxy.peers) that lists it; None for a `remote` profile
+    serves: str | None = None  # the backend kind the peer runs it on, when it says: whose sampler names apply
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """One profile from model_configs/<name>.yml, merged over config.yml."""
 
@@ -177,6 +202,7 @@ class ModelConfig:
     tabby: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     llamacpp: LlamaCppSettings | None = None
     command: CommandSettings | None = None
+    remote: RemoteSettings | None = None
     backend_model: str | None = None  # the id the backend knows it by, when not the name
     details: Details = field(default_factory=Details)
     capabilities: tuple[str, ...] | None = None  # None: not declared, nothing is refused
@@ -192,6 +218,16 @@ class ModelConfig:
     def upstream_model(self) -> str:
         """Return the model id the backend knows this model by."""
         return self.backend_model or self.name
+
+    @property
+    def runs_here(self) -> bool:
+        """Say whether the backend runs on this machine: it takes a slot of max_loaded_models and memory."""
+        return self.remote is None
+
+    @property
+    def sampler_kind(self) -> str:
+        """Return the backend kind whose sampler field names requests use (a peer's model: the peer's kind)."""
+        return self.remote.serves if self.remote is not None and self.remote.serves else self.backend
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +261,9 @@ def read_profile(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConfi
         raise node.fail("resident_group", f"only tabbyapi profiles can share a resident process, not {backend}")
     overrides = _tabby_overrides(node, extra)
     command = _command(node.child("command"), base) if backend == "command" else None
+    remote = _remote(node.child("remote")) if backend == "remote" else None
+    if remote is not None and node.value.get("footprint") is not None:
+        raise node.fail("footprint", "a remote model takes no memory on this machine; remove the footprint")
     capabilities = node.get("capabilities", list, None)
     if capabilities is not None and not set(capabilities) <= set(CAPABILITIES):
         raise node.fail("capabilities", f"expected a list of {', '.join(CAPABILITIES)}, got {capabilities!r}")
@@ -244,7 +283,8 @@ def read_profile(path: Path, tabby: Mapping[str, Any], base: Path) -> ModelConfi
         tabby=MappingProxyType(deep_merge(tabby, overrides)),
         llamacpp=_llamacpp(node.child("llamacpp"), base) if backend == "llamacpp" else None,
         command=command,
-        backend_model=_backend_model(node, backend, command),
+        remote=remote,
+        backend_model=remote.model_id if remote is not None else _backend_model(node, backend, command),
         details=_details(node.child("details")),
         capabilities=None if capabilities is None else tuple(capabilities),
         context_length=context_length,
@@ -339,6 +379,15 @@ def _footprint(node: ConfigNode) -> Need:
     if not total and not ram:
         raise node.fail("vram", "a footprint needs `vram`, `ram` or both")
     return Need(total, ram, None if gpus is None else tuple(gpus), split, "declared")
+
+
+def _remote(node: ConfigNode) -> RemoteSettings:
+    node.reject_unknown(_names(REMOTE_KEYS))
+    return RemoteSettings(
+        endpoint=read_endpoint(node),
+        model_id=node.get("model_id", str, None),
+        timeout_s=float(node.positive("timeout", 10.0)),
+    )
 
 
 def _template(node: ConfigNode) -> Template:

@@ -51,6 +51,8 @@ class ModelStatus:
     pinned: bool = False
     loading_s: float | None = None     # while starting: seconds since the start began
     last_load_s: float | None = None   # how long its last successful start took
+    url: str | None = None             # a server elsewhere (remote, a peer's model): its URL, without credentials
+    peer: str | None = None            # the peer proxy that lists it
 
 
 class ModelRecord:
@@ -83,7 +85,7 @@ class ModelRecord:
     def view(self, need: Need) -> ModelView:
         """Return what the scheduling policy needs of this model, whose footprint is `need`."""
         return ModelView(self.model.name, self.state, self.leases, self.last_used, self.unloads_pending > 0,
-                         need, self.holds, self.model.pinned)
+                         need, self.holds, self.model.pinned, local=self.model.runs_here)
 
     def status(self, queued: int, now_mono: float, now_wall: datetime, need: Need = Need()) -> ModelStatus:
         """Return this model's /status entry; `queued` requests wait for it."""
@@ -112,6 +114,8 @@ class ModelRecord:
             loading_s=(time.monotonic() - self.starting_since
                        if self.state is State.STARTING and self.starting_since is not None else None),
             last_load_s=self.last_load_s,
+            url=None if self.model.remote is None else self.model.remote.endpoint.url,
+            peer=None if self.model.remote is None else self.model.remote.peer,
         )
 
 
@@ -149,6 +153,7 @@ class Lease:
 
     def __init__(self, model: ModelConfig, process: Backend, on_release: Callable[[], None]) -> None:
         self._on_release = on_release
+        self._backend = process
         self.model = model
         self.base_url = process.base_url
         self.headers = process.headers
@@ -160,6 +165,12 @@ class Lease:
     @property
     def model_name(self) -> str:
         return self.model.name
+
+    def report_failure(self) -> None:
+        """Say that a request on this lease could not reach the backend or lost it mid-answer: the backend
+        looks whether it is still there (a remote one that is gone makes the manager mark it stopped,
+        so the next request checks it anew). Blocks at most a remote's `timeout`."""
+        self._backend.check_alive()
 
     def release(self) -> None:
         if self._released:

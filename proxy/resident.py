@@ -198,6 +198,12 @@ class ResidentMember:
     def tail(self, lines: int = 20) -> str:
         return self._process.tail(lines)
 
+    def check_alive(self) -> None:
+        self._process.check_alive()
+
+    def exit_reason(self, returncode: int) -> str:
+        return self._process.exit_reason(returncode)
+
     def wait_ready(self, probe: Any = None, timeout_s: float = 600.0) -> float:
         """Load in place over the admin API, or wait for a new process; fall back to a new process."""
         if not self._in_place:

@@ -30,7 +30,7 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
 }
 """The transitions a model may make; the manager refuses any other as a bug."""
 
-LOADED = frozenset({State.STARTING, State.READY, State.STOPPING})  # states that hold a slot (memory)
+LOADED = frozenset({State.STARTING, State.READY, State.STOPPING})  # states that hold a slot (memory), if local
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,7 @@ class ModelView:
     need: Need = Need()      # its footprint, for a start
     holds: Placement = field(default_factory=dict)  # what it takes on each device while loaded
     pinned: bool = False     # never evicted for another model
+    local: bool = True       # False: it runs on another machine and takes no slot and no memory here
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +136,12 @@ Decision = Grant | Start | Stop | Wait | Refuse
 # ----- the policy -------------------------------------------------------------------------------
 
 def head(snapshot: Snapshot) -> int | None:
-    """Return the position of the oldest ticket whose model is not ready: the only one that may start a model."""
+    """Return the position of the oldest ticket whose local model is not ready: the only one that may start
+    a local model (a remote one takes no slot, so its tickets never queue behind a swap, nor hold one up)."""
     for position, name in enumerate(snapshot.queue):
         model = snapshot.models.get(name)
         # A model gone from the config (reload) starts nothing: its tickets answer 404 when they wake.
-        if model is not None and model.state is not State.READY:
+        if model is not None and model.local and model.state is not State.READY:
             return position
     return None
 
@@ -155,7 +157,9 @@ def eviction_for(snapshot: Snapshot, position: int) -> Eviction:
     of this one want are spared (FIFO: they are served first, then drained).
     """
     wanted = snapshot.models[snapshot.queue[position]]
-    loaded = [model for model in snapshot.models.values() if model.state in LOADED]
+    if not wanted.local:
+        return Fits()  # on another machine: no slot, no memory here
+    loaded = [model for model in snapshot.models.values() if model.local and model.state in LOADED]
     options = _placements(snapshot, wanted.need)
     fitting = [placement for placement in options if _fits(snapshot, loaded, placement)]
     if fitting:
@@ -289,6 +293,8 @@ def decide(snapshot: Snapshot, position: int) -> Decision:
         return _lease_or_wait(snapshot, position, model)
     if model.state not in (State.STOPPED, State.FAILED):
         return Wait(f"the model is {model.state.value}")
+    if not model.local:
+        return Start()  # takes nothing here: no queue to wait in, nothing to evict
     if head(snapshot) != position:
         return Wait("an earlier request starts or swaps in a model first")
     eviction = eviction_for(snapshot, position)

@@ -125,6 +125,12 @@ class BackendProcess:
     def progress(self) -> str | None:
         return None  # a process shows no load progress; the log has it
 
+    def check_alive(self) -> None:
+        """Nothing to do: the exit watcher reports an exit as soon as it happens."""
+
+    def exit_reason(self, returncode: int) -> str:
+        return f"the backend exited unexpectedly (exit status {returncode})"
+
     def stop(self, grace_s: float, successor: object = None) -> int | None:
         """Stop the child's whole session: SIGTERM to every process in it, grace period, SIGKILL.
         Blocks until the leader is reaped and nothing is left of the session, at most about

@@ -73,6 +73,12 @@ class FakeProcess:
     def tail(self, lines: int = 20) -> str:
         return "fake output"
 
+    def check_alive(self) -> None:
+        pass
+
+    def exit_reason(self, returncode: int) -> str:
+        return f"the backend exited unexpectedly (exit status {returncode})"
+
     def crash(self) -> None:
         self.on_exit(self, -9)
 

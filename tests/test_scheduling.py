@@ -299,3 +299,39 @@ def test_a_memory_swap_step_by_step() -> None:
     assert decide(idle, 0) == Stop("a")
     gone = msnap(g("a", 14, STOPPED), g("b", 14, STOPPED), queue="b", **limits)  # type: ignore[arg-type]
     assert decide(gone, 0) == Start(on_gpu(0, 14))
+
+
+# ----- remote models: on another machine, no slot and no memory here -------------------------------
+
+def r(name: str, state: State = READY, leases: int = 0, last_used: float = 0.0) -> ModelView:
+    """A model a server elsewhere serves (a `remote` profile, a peer's model)."""
+    return ModelView(name, state, leases=leases, last_used=last_used, local=False)
+
+
+@pytest.mark.parametrize("snapshot, position, expected", [
+    pytest.param(snap(m("a"), r("r", STOPPED), queue="r"), 0, Start(), id="a-remote-model-takes-no-slot"),
+    pytest.param(snap(m("a", leases=1), r("r", FAILED), queue="r"), 0, Start(),
+                 id="a-failed-remote-model-is-checked-again-without-evicting"),
+    pytest.param(snap(m("a", STOPPED), r("r", STOPPED), queue="ar"), 1, Start(),
+                 id="a-remote-start-does-not-queue-behind-a-local-one"),
+    pytest.param(snap(r("r", STARTING), m("b", STOPPED), queue="rb"), 1, Start(),
+                 id="a-remote-check-under-way-holds-no-local-start"),
+    pytest.param(snap(r("r"), r("s"), m("b", STOPPED), queue="b"), 0, Start(),
+                 id="ready-remote-models-hold-no-slot"),
+    pytest.param(snap(r("r", last_used=0), m("a", last_used=5), m("b", STOPPED), queue="b"), 0, Stop("a"),
+                 id="a-remote-model-is-never-a-victim"),
+    pytest.param(snap(m("a", leases=1), m("b", STOPPED), r("r"), queue="br"), 1, Grant(),
+                 id="a-swap-under-way-holds-no-remote-request"),
+    pytest.param(snap(r("r", leases=2), queue="r", max_concurrent=2), 0,
+                 Wait("2 requests are running on the model (proxy.max_concurrent)"),
+                 id="max-concurrent-still-applies-to-a-remote-model"),
+])
+def test_decide_for_remote_models(snapshot: Snapshot, position: int, expected: Decision) -> None:
+    assert decide(snapshot, position) == expected
+
+
+def test_a_remote_model_fits_whatever_the_budgets() -> None:
+    snapshot = msnap(g("a", 24, pinned=True), r("r", STOPPED), queue="r", **budget(24, max_loaded=1))  # type: ignore[arg-type]
+    assert head(snapshot) is None  # no local model waits: nobody holds the head
+    assert eviction_for(snapshot, 0) == Fits()
+    assert decide(snapshot, 0) == Start()
