@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda signum, frame: reloader.request())
     try:
         start_housekeeping(manager)
+        context.peers.start()  # proxy.peers: their models are read in the background, never on the request path
         reloader.start()
         threading.Thread(target=server.run, name="http", daemon=True).start()
         log.info("serving %d model(s) on http://%s:%d (auth %s)", len(config.models), config.proxy.host,
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not manager.drain(drain_s):
             log.warning("answers still running after %gs (proxy.drain_timeout); stopping them", drain_s)
         reloader.stop()
+        context.peers.stop()
         manager.shutdown()
         launcher.close()
         manager.memory.close()

@@ -8,10 +8,11 @@ from flask import current_app, request
 
 from proxy.admission import BODIES_IN_BUDGET, RESERVED_BLUEPRINTS, Admission, BodyBudget
 from proxy.auth import KeyEntry, Keys, RateLimiter, keyless_entry
-from proxy.config import Config
+from proxy.config import Config, ModelConfig
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
 from proxy.observe import Observers, Recent
+from proxy.peers import Peers
 from proxy.upstream import Upstream
 
 
@@ -31,6 +32,7 @@ class ProxyContext:
         self.admission = Admission(manager.config.proxy.request_slots)  # threads are fixed until a restart
         self.bodies = BodyBudget(int(BODIES_IN_BUDGET * manager.config.proxy.max_body_mb * 1024 * 1024))
         self.reload: Callable[[], bool] | None = None  # set by proxy.py when live reload runs
+        self.peers = Peers(manager)  # proxy.py starts its refresher; reloads go through peers.apply()
 
     def authorize(self, *, admin: bool = False) -> KeyEntry | None:
         """Check the request's key, its rate limit and, outside admin routes, admission (requests in
@@ -48,6 +50,11 @@ class ProxyContext:
         if request.blueprint not in RESERVED_BLUEPRINTS and "proxy.slot" not in request.environ:
             request.environ["proxy.slot"] = self.admission.admit(entry, self.config.proxy.key_max_concurrent)
         return entry
+
+    def listed_state(self, model: ModelConfig, state: str) -> str:
+        """Return the state model listings show: a peer's own report for its models (whether it is loaded
+        there), else the manager's `state`."""
+        return self.peers.reported_state(model) or state
 
     @property
     def config(self) -> Config:

@@ -4,6 +4,7 @@ profile's template, set the backend's id. Pure; the exchange (exchange.py) then 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -119,11 +120,19 @@ def clamp_lengths(body: dict[str, Any], context: int | None) -> None:
             body[key] = context
 
 
+def forward_keep_alive(model: ModelConfig, body: dict[str, Any], keep_alive_s: float | None) -> None:
+    """Put a request's keep_alive back into the body sent to a peer proxy, whose own scheduler applies it
+    (it was taken out for this proxy's idle timer). Other backends never see it."""
+    if keep_alive_s is not None and model.remote is not None and model.remote.peer is not None:
+        body["keep_alive"] = -1 if math.isinf(keep_alive_s) else keep_alive_s
+
+
 def finish(model: ModelConfig, body: dict[str, Any], kind: str, keep_alive_s: float | None, stream: bool,
            *, now: datetime | None = None) -> Prepared:
     """Return what to send for a validated OpenAI-shaped body: the profile's template, the backend's id."""
     body = apply_template(body, model.template, kind, now or datetime.now().astimezone())
     body["model"] = model.upstream_model
+    forward_keep_alive(model, body, keep_alive_s)
     if kind != "embedding":
         clamp_lengths(body, context_length(model))
     if model.backend == "tabbyapi" and kind == "completion" and all(body.get(key) is None for key in LENGTH_KEYS):

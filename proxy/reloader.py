@@ -100,11 +100,12 @@ class Reloader:
         """Publish a config built whole; return the models that must restart to apply it.
 
         Nothing is published before everything has been read and checked. The config is swapped
-        in one step, under the manager's lock (the launcher and every view read the manager's);
-        the keys are one reference swapped just before it.
+        in one step, under the manager's lock (the launcher and every view read the manager's),
+        with the peers' models merged in (proxy/peers.py); the keys are one reference swapped just
+        before it.
         """
         self._context.keys = keys
-        return self._context.manager.reload(new)
+        return self._context.peers.apply(new)
 
     @staticmethod
     def _stamps(config: Config) -> dict[Path, float]:

@@ -13,7 +13,9 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 from proxy.config_node import ConfigNode
+from proxy.endpoints import Endpoint, read_endpoint
 from proxy.memory import parse_size
+from proxy.profiles import ProfileKey
 
 DEFAULT_OLLAMA_VERSION = "0.13.5"  # what /api/version reports; clients enable features by it (Codex: >= 0.13.4)
 
@@ -178,6 +180,61 @@ def _request_log(reading: Reading, key: str, default: Any) -> str:
     if "://" in value:
         raise reading.node.fail(key, f"expected sqlite, off, a file path or a postgresql:// URL, got a {value.split('://')[0]}:// URL")
     return str((reading.base / Path(value).expanduser()).resolve())  # an SQLite file
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    """Another instance of this proxy (one entry of `proxy.peers`) whose models this one lists and routes to."""
+
+    name: str
+    endpoint: Endpoint
+    prefer: tuple[str, ...] = ()  # names this peer serves that win over a local profile or an earlier peer
+    refresh_s: float = 10.0       # how often its /v1/models is read
+    timeout_s: float = 5.0        # for each reading, and each check of it before a request
+
+
+PEER_KEYS = (
+    ProfileKey("name", "required", "what logs, `/status` and the model listings call the peer"),
+    ProfileKey("url", "required", "the peer proxy's root URL (`http://gpu-box:9000`); a user and password in it "
+                                  "are sent as Basic auth and never shown"),
+    ProfileKey("api_key", "none", "a key of the peer (an admin key there, for `/unload` and loads to reach it); "
+                                  "never logged"),
+    ProfileKey("api_key_env", "none", "the name of an environment variable that holds the key, instead of "
+                                      "`api_key`"),
+    ProfileKey("prefer", "none", "model names (or aliases) this peer serves that win over a local profile and "
+                                 "over earlier peers with the same name"),
+    ProfileKey("refresh", "`10`", "seconds between two readings of the peer's `/v1/models`"),
+    ProfileKey("timeout", "`5`", "seconds a reading of its `/v1/models` may take, and the check of it before a "
+                                 "request for one of its models that is not ready here"),
+)
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _peers(reading: Reading, key: str, default: Any) -> tuple[PeerSettings, ...]:
+    listed = reading.node.value.get(key)
+    if listed is None:
+        declared: tuple[PeerSettings, ...] = default
+        return declared
+    if not isinstance(listed, list):
+        raise reading.node.fail(key, f"expected a list of peers like [{{name: gpu-box, url: http://gpu-box:9000, "
+                                     f"api_key: ...}}], got {type(listed).__name__}")
+    peers: list[PeerSettings] = []
+    where = f"{reading.node.where}.{key}" if reading.node.where else key
+    for index, item in enumerate(listed):
+        node = ConfigNode(item, reading.node.file, f"{where}[{index}]")
+        node.reject_unknown(frozenset(peer_key.key for peer_key in PEER_KEYS))
+        name = node.get("name", str, None)
+        if name is None or not PEER_NAME.fullmatch(name):
+            raise node.fail("name", f"required: a name matching {PEER_NAME.pattern}, got {name!r}")
+        if any(peer.name == name for peer in peers):
+            raise node.fail("name", f"a peer named {name!r} is listed twice")
+        prefer = node.get("prefer", (list, str), [])
+        prefer = [prefer] if isinstance(prefer, str) else prefer
+        if not all(isinstance(model, str) and model for model in prefer):
+            raise node.fail("prefer", f"expected a list of model names, got {prefer!r}")
+        peers.append(PeerSettings(name, read_endpoint(node), tuple(prefer), float(node.positive("refresh", 10.0)),
+                                  float(node.positive("timeout", 5.0))))
+    return tuple(peers)
 
 
 # Every request in progress holds a thread, a waiting one included: the reserve keeps some for
@@ -354,6 +411,10 @@ class ProxySettings:
             "file, a `postgresql://` URL (the password is never logged), or `off`. Never prompts or answers")
     request_log_days: float = setting("request_log_days", 30.0, _positive,
                                       doc="days the request log keeps its rows; older ones are deleted")
+    peers: tuple[PeerSettings, ...] = setting(
+        "peers", (), _peers, shown="none",
+        doc="other instances of this proxy, on other machines, whose models this one lists and routes to: a list "
+            "of `{name, url, api_key, prefer}` (see Several machines)")
 
     @property
     def request_slots(self) -> int:

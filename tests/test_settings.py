@@ -31,6 +31,7 @@ CHANGED: dict[str, Any] = {
     "cors_origins": ["https://chat.example.org"], "log_bodies": True, "loopback_without_key": True, "ollama_version": "0.12.7",
     "tabby_auth": "keys", "tabby_python": "python3", "gpus": {0: "20GiB"}, "gpu_reserve": "1GiB",
     "ram_budget": "8GiB", "preload": ["a"], "metrics_public": True, "request_log": "off", "request_log_days": 7,
+    "peers": [{"name": "gpu-box", "url": "http://127.0.0.1:9", "api_key": "peer-key", "prefer": ["a"], "refresh": 5}],
 }
 
 

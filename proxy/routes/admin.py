@@ -1,6 +1,6 @@
-"""Admin routes: /health (alive), /status (every model's state), /unload (admin key).
+"""Admin routes: /health (alive), /status (every model's state, and the peers'), /unload (admin key).
 
-State changes only through the manager's methods.
+State changes only through the manager's methods; a peer's model is unloaded by that peer.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from proxy.errors import BadRequest, ProxyError, Unsupported, render_openai_erro
 from proxy.manager import ModelStatus
 from proxy.memory import RAM, gpu, gpu_index
 from proxy.nvml import Device
+from proxy.peers import is_peer_model
 from proxy.pipeline import resolve_model
 
 bp = Blueprint("admin", __name__)
@@ -54,6 +55,7 @@ def status_body(context: ProxyContext, *, admin: bool) -> dict[str, Any]:
         "max_loaded_models": context.config.proxy.max_loaded_models,
         "models": [status_record(entry, admin=admin) for entry in snapshot],
         "memory": memory_record(context.manager.budgets(), snapshot, context.manager.memory.devices()),
+        "peers": context.peers.status(),
     }
 
 
@@ -83,6 +85,8 @@ def status_record(entry: ModelStatus, *, admin: bool = False) -> dict[str, Any]:
         "state": entry.state,
         "pid": entry.pid,
         "port": entry.port,
+        "url": entry.url,
+        "peer": entry.peer,
         "leases": entry.leases,
         "queued": entry.queued,
         "keep_alive_s": None if math.isinf(entry.keep_alive_s) else entry.keep_alive_s,
@@ -113,8 +117,13 @@ def unload() -> Response:
                          "nothing was unloaded")
     requested = request.args.get("model", body.get("model"))
     force = _flag(request.args.get("force", body.get("force", False)))
-    name = None if requested in (None, "") else resolve_model(context.config, requested).name
-    stopped = context.manager.unload(name, force=force)
+    model = None if requested in (None, "") else resolve_model(context.config, requested)
+    if model is not None and is_peer_model(model):  # the peer's own scheduler unloads it, there
+        answer = context.peers.forward(model, "/unload", {"model": model.upstream_model, "force": force})
+        context.manager.unload(model.name, force=force)  # this proxy's record of it: nothing runs here
+        unloaded = answer.get("unloaded") if isinstance(answer, dict) else None
+        return jsonify({"unloaded": unloaded if isinstance(unloaded, list) else []})
+    stopped = context.manager.unload(None if model is None else model.name, force=force)
     return jsonify({"unloaded": stopped})
 
 

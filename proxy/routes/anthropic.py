@@ -51,7 +51,7 @@ def messages() -> Response:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"stream: expected true or false, got {stream!r}", param="stream")
-    request = openai_chat_from_anthropic(body, sampler_names(model.backend), context_length(model))
+    request = openai_chat_from_anthropic(body, sampler_names(model.sampler_kind), context_length(model))
     events = AnthropicEvents(message_id=f"msg_{uuid.uuid4().hex[:24]}", model=str(body.get("model") or model.name),
                              model_name=model.name, input_tokens=estimated_tokens(request), gather=not stream)
     request["stream"] = True  # one code path: a non-stream answer is gathered from the stream
@@ -84,7 +84,7 @@ def count_tokens() -> Response:
     """Count with the backend's tokenizer when the model is loaded; otherwise the estimate, which
     loads nothing (see estimated_tokens)."""
     body, model = read_body()
-    request = openai_chat_from_anthropic(body, sampler_names(model.backend), counting=True)
+    request = openai_chat_from_anthropic(body, sampler_names(model.sampler_kind), counting=True)
     counted = tokenizer_count(model, prompt_text(request)) if is_ready(model) else None
     return jsonify({"input_tokens": counted if counted is not None else estimated_tokens(request)})
 

@@ -2,7 +2,8 @@
 
 Listing and /props answer from the profiles, the catalog and the manager's snapshot: they never
 load, swap or keep a model alive. Loading and unloading go through the manager's methods, as
-/unload does. Errors are in OpenAI's shape, which is llama.cpp's own.
+/unload does; for a peer's model, through that peer's own routes. Errors are in OpenAI's shape,
+which is llama.cpp's own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from proxy.config import ModelConfig
 from proxy.errors import BadRequest, ProxyError, render_openai_error
 from proxy.exchange import json_body
 from proxy.manager import ModelStatus
+from proxy.peers import is_peer_model
 from proxy.pipeline import resolve_model
 
 bp = Blueprint("llamacpp", __name__)
@@ -50,9 +52,10 @@ def model_entry(model: ModelConfig, status: ModelStatus) -> dict[str, Any]:
     """Return a profile as llama.cpp's router lists a model: `status.value`, its args, its context."""
     context = ProxyContext.current()
     n_ctx = catalog_for(context.config).entries[model.name].context_length
-    state: dict[str, Any] = {"value": STATUS_VALUES.get(status.state, "unloaded"),
+    shown = context.listed_state(model, status.state)
+    state: dict[str, Any] = {"value": STATUS_VALUES.get(shown, "unloaded"),
                              "args": ["--ctx-size", str(n_ctx)] if n_ctx else []}
-    if status.state == "failed":
+    if shown == "failed":
         state["failed"] = True
     entry: dict[str, Any] = {"id": model.name, "object": "model", "owned_by": "proxy",
                              "created": int(context.started_at), "aliases": list(model.aliases),
@@ -66,8 +69,11 @@ def model_entry(model: ModelConfig, status: ModelStatus) -> dict[str, Any]:
 def load() -> Response:
     """Load a model (waiting, up to queue_timeout, for the load or a swap); answer when it is ready."""
     model = requested_model()
+    context = ProxyContext.current()
+    if is_peer_model(model):  # the peer's own scheduler decides what it evicts for it
+        context.peers.forward(model, "/models/load", {"model": model.upstream_model})
     cancelled = request.environ.get("waitress.client_disconnected")
-    ProxyContext.current().manager.acquire(model.name, cancelled=cancelled).release()  # the idle timer starts now
+    context.manager.acquire(model.name, cancelled=cancelled).release()  # the idle timer starts now
     return jsonify({"success": True})
 
 
@@ -75,7 +81,10 @@ def load() -> Response:
 def unload() -> Response:
     """Unload a model once its running answers end (as /unload does); 503 after queue_timeout."""
     model = requested_model()
-    ProxyContext.current().manager.unload(model.name)
+    context = ProxyContext.current()
+    if is_peer_model(model):
+        context.peers.forward(model, "/models/unload", {"model": model.upstream_model})
+    context.manager.unload(model.name)
     return jsonify({"success": True})
 
 
@@ -85,7 +94,8 @@ def props() -> Response:
     context = ProxyContext.current()
     model = resolve_model(context.config, request.args.get("model"))
     entry = catalog_for(context.config).entries[model.name]
-    state = next((status.state for status in context.manager.snapshot() if status.name == model.name), "stopped")
+    state = context.listed_state(model, next((status.state for status in context.manager.snapshot()
+                                              if status.name == model.name), "stopped"))
     return jsonify({
         "default_generation_settings": {"n_ctx": entry.context_length or 0, "params": dict(model.template.defaults)},
         "total_slots": 1,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +37,7 @@ from proxy.errors import BadRequest, Forbidden, ProxyError, UnknownModel, Unsupp
 from proxy.exchange import Opened, json_body
 from proxy.manager import Lease, ModelStatus
 from proxy.memory import RAM
+from proxy.peers import is_peer_model
 from proxy.pipeline import MAX_MODEL_NAME, finish, pop_keep_alive, require_embedding
 from proxy.profiles import is_pattern
 from proxy.streaming import ndjson
@@ -134,7 +136,8 @@ def ps() -> Response:
     running = []
     for status in context.manager.snapshot():
         entry = catalog.entries.get(status.name)
-        if entry is None or status.state not in ("starting", "ready"):
+        # A peer's model counts as loaded when the peer says it is (this proxy only routes to it).
+        if entry is None or context.listed_state(entry.model, status.state) not in ("starting", "ready"):
             continue
         if status.expires_at is not None:
             expires = status.expires_at.astimezone()
@@ -194,7 +197,7 @@ def chat() -> Response:
     if not call.body.get("messages"):  # empty or absent: Ollama's load/unload shortcut
         return load_shortcut(call.model, call.requested, call.keep_alive_s, "chat")
     require_capabilities(call.model, call.body, "chat")
-    openai_body = openai_chat_from_ollama(call.body, sampler_names(call.model.backend), catalog_context(call.model))
+    openai_body = openai_chat_from_ollama(call.body, sampler_names(call.model.sampler_kind), catalog_context(call.model))
     return generate_answer(call, "chat", "chat", openai_body)
 
 
@@ -204,7 +207,8 @@ def generate() -> Response:
     if not call.body.get("prompt") and not call.body.get("suffix"):
         return load_shortcut(call.model, call.requested, call.keep_alive_s, "generate")
     require_capabilities(call.model, call.body, "generate")
-    kind, openai_body = openai_request_from_generate(call.body, sampler_names(call.model.backend), catalog_context(call.model))
+    kind, openai_body = openai_request_from_generate(call.body, sampler_names(call.model.sampler_kind),
+                                                     catalog_context(call.model))
     return generate_answer(call, "generate", kind, openai_body)
 
 
@@ -247,8 +251,17 @@ def ndjson_error(error: ProxyError) -> bytes:
 
 
 def load_shortcut(model: ModelConfig, requested: str, keep_alive_s: float | None, kind: str) -> Response:
-    """Ollama's empty request: load the model (or, with keep_alive 0, unload it) and say which."""
-    manager = ProxyContext.current().manager
+    """Ollama's empty request: load the model (or, with keep_alive 0, unload it) and say which.
+
+    For a peer's model the same empty request goes to the peer first, whose scheduler decides.
+    """
+    context = ProxyContext.current()
+    manager = context.manager
+    if is_peer_model(model):
+        shortcut: dict[str, Any] = {"model": model.upstream_model}
+        if keep_alive_s is not None:
+            shortcut["keep_alive"] = -1 if math.isinf(keep_alive_s) else keep_alive_s
+        context.peers.forward(model, "/api/generate", {**shortcut, "stream": False})
     if keep_alive_s == 0:
         manager.unload_when_idle(model.name)  # never loads first; stops once its requests end
         reason = "unload"

@@ -68,8 +68,15 @@ def get_model(name: str) -> Response:
 
 
 def model_card(context: ProxyContext, model: ModelConfig, state: str) -> dict[str, Any]:
+    """Return a profile's card; a peer's model shows the peer's own state and kind, and names the peer
+    (`peer`: proxies that peer with each other skip such cards, so no request goes round in circles)."""
+    state = context.listed_state(model, state)
+    remote = model.remote
+    backend = remote.serves if remote is not None and remote.peer is not None and remote.serves else model.backend
     card = {"id": model.name, "object": "model", "created": int(context.started_at), "owned_by": "proxy",
-            "aliases": list(model.aliases), "backend": model.backend, "state": state, "loaded": state == "ready"}
+            "aliases": list(model.aliases), "backend": backend, "state": state, "loaded": state == "ready"}
+    if remote is not None and remote.peer is not None:
+        card["peer"] = remote.peer
     if model.description:
         card["description"] = model.description
     return card

@@ -16,7 +16,7 @@ from proxy import exchange
 from proxy.app_context import ProxyContext
 from proxy.errors import BadRequest, ProxyError, render_openai_error, sse_error_event
 from proxy.exchange import Opened, json_body
-from proxy.pipeline import MAX_MODEL_NAME, Prepared, pop_keep_alive, require_object, resolve_model
+from proxy.pipeline import MAX_MODEL_NAME, Prepared, forward_keep_alive, pop_keep_alive, require_object, resolve_model
 from proxy.upstream import RawBody
 
 bp = Blueprint("passthrough", __name__)
@@ -54,6 +54,7 @@ def forward() -> Response:
     keep_alive_s = pop_keep_alive(body)
     if "model" in body:
         body["model"] = model.upstream_model  # the backend's own id, as on every route
+    forward_keep_alive(model, body, keep_alive_s)
     prepared = Prepared(model=model, body=body, keep_alive_s=keep_alive_s, stream=False)
     return exchange.run(prepared, path, answer)
 

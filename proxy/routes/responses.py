@@ -48,7 +48,7 @@ def create_response() -> Response:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest(f"stream: expected true or false, got {stream!r}", param="stream")
-    chat = chat_from_responses(body, sampler_names(model.backend))
+    chat = chat_from_responses(body, sampler_names(model.sampler_kind))
     chat["stream"] = True  # one code path: a whole answer is gathered from the stream
     chat["stream_options"] = {"include_usage": True}  # response.completed carries usage
     prepared = finish(model, chat, "chat", keep_alive_s, True)
