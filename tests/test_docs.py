@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from proxy.profiles import COMMAND_KEYS, FOOTPRINT_KEYS, LLAMACPP_KEYS, PROFILE_KEYS, ProfileKey
-from proxy.settings import SETTINGS, Setting
+from proxy.profiles import COMMAND_KEYS, FOOTPRINT_KEYS, LLAMACPP_KEYS, PROFILE_KEYS, REMOTE_KEYS, ProfileKey
+from proxy.settings import PEER_KEYS, SETTINGS, Setting
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -69,6 +69,8 @@ def test_the_readme_proxy_table_lists_exactly_the_declared_keys_with_their_defau
     pytest.param("| `llamacpp:` key | Default | Meaning |", LLAMACPP_KEYS, id="llamacpp"),
     pytest.param("| `command:` key | Default | Meaning |", COMMAND_KEYS, id="command"),
     pytest.param("| `footprint:` key | Default | Meaning |", FOOTPRINT_KEYS, id="footprint"),
+    pytest.param("| `remote:` key | Default | Meaning |", REMOTE_KEYS, id="remote"),
+    pytest.param("| `peers:` key | Default | Meaning |", PEER_KEYS, id="peers"),
 ])
 def test_the_readme_profile_tables_list_exactly_the_declared_keys(header: str, keys: tuple[ProfileKey, ...]) -> None:
     assert_in_readme(markdown_table(header, [(f"`{key.key}`", key.default, key.doc) for key in keys]))
