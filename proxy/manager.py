@@ -610,12 +610,11 @@ class ModelManager:
             return [runtime.status(queued.get(name, 0), now_mono, now_wall, self._need(runtime.model))
                     for name, runtime in self._models.items()]
 
-    def ready_now(self, name: str) -> bool:
-        """Say whether a request for `name` would likely get its lease at once (ready, nobody waiting for it)."""
+    def is_ready(self, name: str) -> bool:
+        """Say whether `name` is loaded and ready now: a request for it needs no load (it may still queue)."""
         with self._cond:
             runtime = self._models.get(name)
-            return (runtime is not None and runtime.state is State.READY
-                    and not any(ticket.name == name for ticket in self._queue))
+            return runtime is not None and runtime.state is State.READY
 
     def status(self, name: str) -> ModelStatus | None:
         """Return one model's status (None when it is not configured)."""

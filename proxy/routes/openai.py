@@ -86,7 +86,7 @@ def forward(kind: str, path: str) -> Response:
     context = ProxyContext.current()
     prepared = prepare(context.config, json_body(), kind)
     mode = prepared.model.load_progress
-    if prepared.stream and mode != "off" and not context.manager.ready_now(prepared.model.name):
+    if prepared.stream and mode != "off" and not context.manager.is_ready(prepared.model.name):
         model = prepared.model
         frame: Callable[[str], bytes] = comment_frame
         if mode == "reasoning" and kind == "chat":
