@@ -22,6 +22,7 @@ import waitress
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer
+from waitress.task import WSGITask
 from waitress.utilities import Error as WaitressError
 
 from proxy.auth import Keys, keyless_entry
@@ -74,7 +75,8 @@ def install_hooks(server: Any, settings: ProxySettings, keys: KeysSource) -> Non
     """Add a write timeout, arrival deadlines and the early body check to a waitress 3.0 server.
 
     waitress offers no supported hook for any of them, so this is the one place that relies on
-    its internals: HTTPChannel.parser_class, the parser's received() and header fields, the
+    its internals: HTTPChannel.parser_class and task_class (KeepAliveTask: keep-alive after streams),
+    the parser's received() and header fields, the
     server's channel_class, maintenance() and active_channels, and a channel's addr, requests,
     total_outbufs_len, last_activity and will_close. It raises RuntimeError at startup when any
     of them is missing (tests/test_server_hooks.py checks the same).
@@ -103,6 +105,7 @@ def install_hooks(server: Any, settings: ProxySettings, keys: KeysSource) -> Non
 
     class Channel(HTTPChannel):  # type: ignore[misc]  # waitress is untyped
         parser_class: Callable[..., Any] = Parser  # a class here; per channel a partial that adds the peer
+        task_class = KeepAliveTask
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -113,6 +116,32 @@ def install_hooks(server: Any, settings: ProxySettings, keys: KeysSource) -> Non
     for listener in listeners:
         listener.channel_class = Channel
         listener.maintenance = _with_deadlines(listener, listener.maintenance, settings)
+
+
+class KeepAliveTask(WSGITask):  # type: ignore[misc]  # waitress is untyped
+    """waitress's task, keeping an HTTP/1.1 connection open after a chunked answer (every stream).
+
+    waitress closes the connection after any answer without a Content-Length, although the final
+    chunk marks the end of a chunked one: a client that streams every call (an agent) then
+    reconnects for every call. The connection still closes when the client asks, for HTTP/1.0,
+    when the app fails mid-answer (waitress then sends no final chunk: the client sees the cut),
+    and when the client has gone.
+    """
+
+    _building_header = False
+
+    def build_response_header(self) -> bytes:
+        self._building_header = True
+        try:
+            header: bytes = super().build_response_header()
+            return header
+        finally:
+            self._building_header = False
+
+    def set_close_on_finish(self) -> None:
+        if self._building_header and self.chunked_response and self.version == "1.1":
+            return  # the only close waitress decides after chunking: the client's own `close` came before it
+        super().set_close_on_finish()
 
 
 def _with_deadlines(listener: Any, maintenance: Callable[[float], None],
@@ -229,8 +258,11 @@ def _listeners(server: Any) -> list[Any]:
 
 
 def _require_internals(listeners: list[Any]) -> None:
-    missing = [f"HTTPChannel.{name}" for name in ("parser_class", "request", "addr", "total_outbufs_len",
-                                                  "last_activity", "will_close") if not hasattr(HTTPChannel, name)]
+    missing = [f"HTTPChannel.{name}" for name in ("parser_class", "task_class", "request", "addr",
+                                                  "total_outbufs_len", "last_activity", "will_close")
+               if not hasattr(HTTPChannel, name)]
+    missing += [f"WSGITask.{name}" for name in ("build_response_header", "set_close_on_finish", "chunked_response")
+                if not hasattr(WSGITask, name)]
     missing += [f"HTTPRequestParser.{name}" for name in ("received", "headers_finished", "completed", "chunked",
                                                          "content_length", "error", "expect_continue")
                 if not hasattr(HTTPRequestParser, name)]

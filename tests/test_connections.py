@@ -6,6 +6,7 @@ Transfer-Encoding is refused and the connection closed (RFC 9112 section 6.3).
 
 from __future__ import annotations
 
+import http.client
 import json
 import resource
 import socket
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from tests.conftest import FIGURES, ProxyProcess, fake_profile
+from tests.conftest import API_KEY, FIGURES, ProxyProcess, fake_profile
 
 Start = Callable[..., ProxyProcess]
 
@@ -195,3 +196,64 @@ def test_content_length_with_transfer_encoding_is_refused_and_the_connection_clo
         assert read_response(sock)[0] == 200
     finally:
         sock.close()
+
+
+def _stream_over(connection: http.client.HTTPConnection, path: str, body: dict[str, object]) -> tuple[int, str, bytes]:
+    connection.request("POST", path, body=json.dumps(body), headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.getheader("Connection") or "", response.read()
+
+
+def test_a_client_connection_stays_open_across_streamed_requests_in_both_dialects(start_proxy: Start) -> None:
+    proxy = start_proxy({"alpha": fake_profile("--tokens", "3")})
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        sockets = []
+        for path, body in [("/v1/chat/completions", {"model": "alpha", "stream": True, "messages": messages}),
+                           ("/api/chat", {"model": "alpha", "messages": messages}),  # NDJSON, streamed
+                           ("/v1/chat/completions", {"model": "alpha", "stream": True, "messages": messages}),
+                           ("/v1/chat/completions", {"model": "alpha", "messages": messages})]:
+            status, close, answer = _stream_over(connection, path, body)
+            assert status == 200 and close.lower() != "close", (path, close)
+            assert answer.rstrip().endswith((b"data: [DONE]", b"}"))
+            sockets.append(connection.sock)
+        assert all(sock is sockets[0] for sock in sockets)  # one connection for all four: no reconnect
+        FIGURES["client_connections_for_4_streamed_requests"] = 1
+    finally:
+        connection.close()
+
+
+BREAKS_OFF = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"{}")
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "3000000"); self.end_headers()
+        self.wfile.write(b" " * 1500000); self.wfile.flush(); self.close_connection = True
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_plain_answer_that_breaks_off_is_cut_not_completed(start_proxy: Start) -> None:
+    # A large non-stream answer passes through as it arrives (chunked to the client); when the backend
+    # breaks off, the client must see a cut body, never a complete one, even on a kept-alive connection.
+    profile = {"backend": "command", "command": {"cmd": ["${PYTHON}", "-c", BREAKS_OFF, "${PORT}"]}}
+    proxy = start_proxy({"broken": profile})
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "broken", "messages": [{"role": "user", "content": "hi"}]}),
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Transfer-Encoding") == "chunked"
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+    finally:
+        connection.close()
