@@ -125,10 +125,24 @@ def _answer_with(lease: Lease, prepared: Prepared, path: str, answer: Callable[[
         raise
     opened = Opened(context.upstream, lease, response)
     try:
+        refuse_a_refused_key(opened)
         return answer(opened)
     except BaseException:
         opened.close()
         raise
+
+
+def refuse_a_refused_key(opened: Opened) -> None:
+    """Raise BackendFailed (502) when a server elsewhere answers 401 or 403: it refused this proxy's key,
+    not the client's, whose own was fine. The server is checked again (Lease.report_failure)."""
+    model = opened.lease.model
+    if opened.status not in (401, 403) or model.remote is None:
+        return
+    where = f"peer {model.remote.peer}" if model.remote.peer else "the remote server"
+    error = BackendFailed(f"{model.name}: {where} at {opened.lease.base_url} refused the proxy's key "
+                          f"(HTTP {opened.status})")
+    report(opened.lease, error)
+    raise error
 
 
 def run_with_progress(prepared: Prepared, path: str, answer: Callable[[Opened], Response],
@@ -162,6 +176,7 @@ def run_with_progress(prepared: Prepared, path: str, answer: Callable[[Opened], 
             environ["proxy.lease"] = lease
             with context.upstream.watching(cancelled):
                 opened = Opened(context.upstream, lease, context.upstream.post(lease, path, prepared.body))
+            refuse_a_refused_key(opened)
             if opened.status != 200 or not opened.is_sse:
                 message = error_message_from_upstream(opened.read(), opened.status)
                 raise UpstreamError(opened.status, f"{lease.model_name}: {message}")

@@ -130,8 +130,17 @@ def test_a_remote_profile_serves_every_dialect_takes_no_slot_and_is_checked_agai
     status = proxy.status("later")
     assert status["state"] == "stopped" and "unreachable" in status["last_error"], status
     assert "exited" not in status["last_error"]
-    servers("later", "--api-key", REMOTE_KEY, port=later_port)
+    later = servers("later", "--api-key", REMOTE_KEY, port=later_port)
     assert proxy.chat("later").status_code == 200
+
+    # Its key changed meanwhile: a 502 that says the proxy's key was refused, never the server's own 401.
+    later.stop()
+    servers("later", "--api-key", "rotated-elsewhere", port=later_port)
+    rotated = proxy.chat("later")
+    assert rotated.status_code == 502
+    assert rotated.json()["error"]["message"] == (f"later: the remote server at http://127.0.0.1:{later_port} "
+                                                  "refused the proxy's key (HTTP 401)")
+    assert proxy.status("later")["state"] == "stopped"
 
     assert proxy.status("local")["pid"] == local_pid
     assert REMOTE_KEY not in proxy.log() and "not-the-key" not in proxy.log()
