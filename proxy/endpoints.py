@@ -47,7 +47,9 @@ def read_endpoint(node: ConfigNode) -> Endpoint:
     path = parts.path.rstrip("/")
     path = path.removesuffix("/v1") if path.endswith("/v1") else path  # the OpenAI routes add /v1 themselves
     url = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], path, "", ""))
-    key = node.get("api_key", str, None)
+    key = node.value.get("api_key")
+    if key is not None and not isinstance(key, str):  # the value is never shown: it is a secret
+        raise node.fail("api_key", f"expected a string (quote it in YAML), got {type(key).__name__}")
     variable = node.get("api_key_env", str, None)
     if key is not None and variable is not None:
         raise node.fail("api_key_env", "set api_key or api_key_env, not both")

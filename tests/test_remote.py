@@ -176,6 +176,8 @@ def test_a_remote_llamacpp_server_answers_through_the_openai_ollama_and_anthropi
     pytest.param({"url": "http://box:8080", "api_key_env": "PROXY_TEST_UNSET_VARIABLE"},
                  "the environment variable PROXY_TEST_UNSET_VARIABLE is not set", id="unset-variable"),
     pytest.param({"url": "http://box:8080", "colour": 1}, "remote.colour: unknown key", id="unknown-key"),
+    pytest.param({"url": "http://box:8080", "api_key": 918273645}, "remote.api_key: expected a string (quote it",
+                 id="a-key-that-is-not-a-string-is-never-shown"),
 ])
 def test_remote_settings_are_checked_when_the_config_is_read(
         tmp_path: Path, remote_section: dict[str, object], problem: str) -> None:
@@ -183,7 +185,7 @@ def test_remote_settings_are_checked_when_the_config_is_read(
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert problem in str(caught.value)
-    assert "pw" not in str(caught.value)
+    assert "pw" not in str(caught.value) and "918273645" not in str(caught.value)
 
 
 def test_a_remote_url_loses_its_credentials_and_v1_and_keeps_its_prefix(tmp_path: Path) -> None:
