@@ -26,6 +26,7 @@ from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
 from proxy.nvml import Gpus
 from proxy.reloader import Reloader
+from proxy.request_log import open_request_log
 from proxy.server import create_server
 from proxy.sessions import ChildRegistry, StateDirInUse, lock_state_dir
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(config, manager, keys_loaded)
+    request_log = open_request_log(config.proxy)  # None when off; only a restart changes it
+    app = create_app(config, manager, keys_loaded, request_log=request_log)
     reloader = Reloader(app.extensions["proxy"], launcher, overrides=overrides)  # a reload keeps --host/--port
     context = app.extensions["proxy"]
     try:  # waitress binds here: a port in use is an operator's error, not a traceback
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         manager.shutdown()
         launcher.close()
         manager.memory.close()
+        if request_log is not None:  # after the drain: the answers that finished are recorded too
+            request_log.close()
     return 0
 
 

@@ -31,8 +31,9 @@ from proxy.errors import (
 from proxy.launcher import ProcessLauncher
 from proxy.manager import ModelManager
 from proxy.observe import RequestRecord
+from proxy.request_log import RequestLog
 from proxy.metrics import Metrics
-from proxy.routes import admin, anthropic, llamacpp, metrics, ollama, openai, passthrough, responses, ui
+from proxy.routes import admin, anthropic, llamacpp, metrics, ollama, openai, passthrough, responses, ui, usage
 from proxy.upstream import Upstream
 
 access_log = logging.getLogger("proxy.access")
@@ -44,7 +45,7 @@ MAX_JSON_DEPTH = 100  # far beyond any real request (a JSON schema is a few leve
 
 
 def create_app(config: Config, manager: ModelManager | None = None, keys: Keys | None = None,
-               upstream: Upstream | None = None) -> Flask:
+               upstream: Upstream | None = None, request_log: RequestLog | None = None) -> Flask:
     """Return the proxy's Flask app; the caller owns manager.shutdown().
 
     Each dependency may be passed in (tests give an in-memory manager or an upstream of their own);
@@ -62,8 +63,12 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     )
     context = ProxyContext(manager, upstream, keys, time.time())
     app.extensions["proxy"] = context
-    context.metrics = Metrics(manager, context.admission.in_progress)
+    context.request_log = request_log  # the caller opens and closes it (proxy.py); None: not kept
+    context.metrics = Metrics(manager, context.admission.in_progress,
+                              dropped_rows=None if request_log is None else (lambda: request_log.dropped))
     context.observers.add(context.metrics)
+    if request_log is not None:
+        context.observers.add(request_log)
     manager.listen(context.observers.model_event)
     app.config["MAX_CONTENT_LENGTH"] = int(config.proxy.max_body_mb * 1024 * 1024)  # 413 beyond it
     if config.proxy.cors_origins:  # off by default: browsers may call the API only from these origins
@@ -82,6 +87,7 @@ def create_app(config: Config, manager: ModelManager | None = None, keys: Keys |
     app.register_blueprint(responses.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(ui.bp)
+    app.register_blueprint(usage.bp)
 
     @app.errorhandler(ProxyError)
     def proxy_error(error: ProxyError) -> Response:

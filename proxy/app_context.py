@@ -12,6 +12,7 @@ from proxy.config import Config, ModelConfig
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
 from proxy.observe import Observers, Recent
+from proxy.request_log import RequestLog
 from proxy.peers import Peers
 from proxy.upstream import Upstream
 
@@ -28,6 +29,7 @@ class ProxyContext:
         self.recent = recent or Recent()  # the dashboard's last hour; fed through `observers`
         self.observers = observers or Observers([self.recent])  # what every finished request is reported to
         self.metrics: Metrics  # set by create_app, which adds it to the observers
+        self.request_log: RequestLog | None = None  # set by create_app: what proxy.py opened, if the log is on
         self.limiter = RateLimiter()
         self.admission = Admission(manager.config.proxy.request_slots)  # threads are fixed until a restart
         self.bodies = BodyBudget(int(BODIES_IN_BUDGET * manager.config.proxy.max_body_mb * 1024 * 1024))

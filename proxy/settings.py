@@ -174,6 +174,8 @@ def _names(reading: Reading, key: str, default: Any) -> tuple[str, ...]:
 
 
 def _request_log(reading: Reading, key: str, default: Any) -> str:
+    if reading.node.value.get(key) is False:  # YAML reads a bare `off` as false
+        return "off"
     value: str = reading.node.get(key, str, default)
     if value in ("sqlite", "off") or value.startswith(("postgresql://", "postgres://")):
         return value

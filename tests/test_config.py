@@ -420,3 +420,17 @@ def test_memory_settings_and_footprints_are_read(tmp_path: Path) -> None:
     assert config.models["embed"].pinned and not config.models["big"].pinned
     assert config.models["plain"].footprint is None
     assert load_config(write_files(tmp_path / "auto", "proxy:\n  gpus: auto\n")).proxy.gpus == "auto"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("off", "off"), ("'off'", "off"), ("sqlite", "sqlite"),
+                                                ("postgresql://u:p@db/x", "postgresql://u:p@db/x")])
+def test_request_log_targets(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_files(tmp_path, f"proxy:\n  request_log: {text}\n")
+    assert load_config(path).proxy.request_log == expected  # a bare off is YAML's false
+
+
+def test_a_request_log_url_of_another_kind_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = write_files(tmp_path, "proxy:\n  request_log: mysql://user:secret@db/x\n")
+    with pytest.raises(ConfigError, match="mysql:// URL") as caught:
+        load_config(path)
+    assert "secret" not in str(caught.value)

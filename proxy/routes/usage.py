@@ -36,7 +36,7 @@ def usage() -> Response:
     if by not in GROUPINGS:
         raise BadRequest(f"by: expected one of {', '.join(GROUPINGS)}, got {by!r}", param="by")
     # ProxyContext.request_log: the log proxy.py opened, None when proxy.request_log is off.
-    log: RequestLog | None = getattr(context, "request_log", None)
+    log: RequestLog | None = context.request_log
     if log is None:
         raise Disabled("the request log is off (proxy.request_log): set it to sqlite, an SQLite file or a "
                        "postgresql:// URL and restart the proxy")
