@@ -240,6 +240,11 @@ class ChunkedDecoder:
         self._buffer = buffer
         return b"".join(out)
 
+    @property
+    def leftover(self) -> bytes:
+        """Bytes fed after the body's end (none from a well-behaved server: the connection is then reusable)."""
+        return self._buffer if self.done else b""
+
     def flush(self) -> bytes:
         """End the body: everything was returned by feed(); raises ValueError if it was cut short."""
         if not self.done:

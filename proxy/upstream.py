@@ -140,6 +140,8 @@ class Upstream:
                 payload = decoder.feed(data)
                 if payload:
                     yield payload
+            if not decoder.leftover:
+                give_back_connection(response)  # the next stream to this backend needs no new connection
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._broken(lease, exc) from exc
 
@@ -188,8 +190,9 @@ def chunked_socket_reader(response: requests.Response) -> Any:
     have arrived (their read1() stops at every chunk, one write per token), so this reaches into
     urllib3's `_fp` (the http.client response) and its `fp`. It is the only place that does, and
     tests/test_upstream.py fails if either library changes them, instead of falling back silently.
-    Reading the socket bypasses http.client's own chunk state, so the connection is not reused
-    afterwards: Response.close() closes it (urllib3 closes a connection whose response it did not finish).
+    Reading the socket bypasses http.client's own chunk state: once the whole body has been read,
+    give_back_connection() hands the connection back to the pool; otherwise Response.close() closes
+    it (urllib3 closes a connection whose response it did not finish).
     """
     raw = response.raw
     http_response = getattr(raw, "_fp", None)  # urllib3 2.x: the http.client response
@@ -199,6 +202,21 @@ def chunked_socket_reader(response: requests.Response) -> Any:
     if getattr(http_response, "chunk_left", None) is not None:
         return None  # http.client started reading chunks already: keep to its path
     return reader
+
+
+def give_back_connection(response: requests.Response) -> None:
+    """After chunked_socket_reader's socket gave the whole body (through its last chunk): mark the
+    http.client response done (its public close() drops its file object; the socket stays with its
+    connection, as after any body it read itself) and release the connection to urllib3's pool.
+
+    Not when the backend said it closes the connection (http.client's will_close).
+    """
+    raw = response.raw
+    http_response = getattr(raw, "_fp", None)
+    if http_response is None or getattr(http_response, "will_close", True):
+        return
+    http_response.close()
+    raw.release_conn()
 
 
 def _client_gone(lease: Lease) -> ClientGone:

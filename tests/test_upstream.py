@@ -14,15 +14,17 @@ import pytest
 import requests
 
 from proxy.streaming import ChunkedDecoder
-from proxy.upstream import chunked_socket_reader
+from proxy.upstream import chunked_socket_reader, give_back_connection
 
 EVENTS = [b"data: %d\n\n" % number for number in range(50)]
 
 
 class _Chunked(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    connections: set[int] = set()  # the client ports seen: one per connection
 
     def do_GET(self) -> None:
+        _Chunked.connections.add(self.client_address[1])
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         if self.path == "/sized":
@@ -63,3 +65,33 @@ def test_a_sized_response_is_read_the_usual_way(server: str) -> None:
     with requests.get(server + "/sized", stream=True, timeout=5) as response:
         assert chunked_socket_reader(response) is None
         assert response.raw.read1(1 << 20)[:8] == b"data: 0\n"
+
+
+def test_a_stream_read_to_its_end_gives_its_connection_back_to_the_pool(server: str) -> None:
+    session = requests.Session()
+    _Chunked.connections.clear()
+    for _ in range(5):
+        response = session.get(server + "/chunked", stream=True, timeout=5)
+        reader = chunked_socket_reader(response)
+        assert reader is not None
+        decoder, payload = ChunkedDecoder(), b""
+        while not decoder.done:
+            payload += decoder.feed(reader.read1(16384))
+        assert payload == b"".join(EVENTS) and not decoder.leftover
+        give_back_connection(response)
+        response.close()  # what the relay does at the end: harmless once given back
+    assert len(_Chunked.connections) == 1  # five streams, one connection
+    session.close()
+
+
+def test_a_stream_cut_short_does_not_give_its_connection_back(server: str) -> None:
+    session = requests.Session()
+    _Chunked.connections.clear()
+    for _ in range(2):
+        response = session.get(server + "/chunked", stream=True, timeout=5)
+        reader = chunked_socket_reader(response)
+        assert reader is not None
+        reader.read1(10)  # the client left after the first bytes
+        response.close()
+    assert len(_Chunked.connections) == 2  # a half-read connection is closed, never reused
+    session.close()
