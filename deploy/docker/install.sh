@@ -12,7 +12,7 @@
 #                      (env PYTHON; default: python3)
 #   --demo             also the CPU demo model: requirements-demo.txt, with --no-deps
 #                      (env MODEL_PROXY_DEMO=1)
-#   --tabby-dir DIR    also TabbyAPI: its checkout in DIR (cloned from --tabby-repo when missing),
+#   --tabby-dir DIR    also TabbyAPI: its checkout in DIR (cloned from --tabby-repo when DIR is missing),
 #                      installed into its own environment DIR/venv, where the proxy finds it
 #                      (env TABBY_DIR)
 #   --tabby-repo URL   where to clone TabbyAPI from (env TABBY_REPO;
@@ -85,11 +85,13 @@ fi
 if [ -n "$tabby_dir" ] && [ "$skip_tabby" = 1 ]; then
   echo "install.sh: skipping TabbyAPI in $tabby_dir (--skip-tabby)"
 elif [ -n "$tabby_dir" ]; then
-  if [ ! -d "$tabby_dir/.git" ]; then
+  if [ ! -e "$tabby_dir" ]; then
     echo "install.sh: cloning TabbyAPI from $tabby_repo into $tabby_dir"
     git clone "$tabby_repo" "$tabby_dir"
   fi
+  [ -f "$tabby_dir/pyproject.toml" ] || fail "$tabby_dir is not a TabbyAPI checkout (no pyproject.toml)"
   if [ -n "$tabby_ref" ]; then
+    [ -e "$tabby_dir/.git" ] || fail "$tabby_dir is not a git checkout: cannot check out $tabby_ref"
     # A ref this checkout does not know yet (a newer commit or tag) is fetched first.
     git -C "$tabby_dir" rev-parse --verify --quiet "$tabby_ref^{commit}" > /dev/null ||
       git -C "$tabby_dir" fetch --tags origin
