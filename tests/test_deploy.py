@@ -273,7 +273,7 @@ def wheelhouse() -> Path:
             if stale.is_dir() and stale != folder:
                 shutil.rmtree(stale, ignore_errors=True)
         if not (folder / ".complete").exists():
-            pip = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", folder]
+            pip: list[str | Path] = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", folder]
             for argv in (pip + ["-r", files[0], "setuptools"], pip + ["--no-deps", "-r", files[1]]):
                 done = run(argv, timeout=600)
                 if done.returncode != 0:
@@ -355,7 +355,7 @@ def test_install_script_installs_tabbyapi_from_a_checkout_at_the_given_ref(
     # linked in: a second new venv would double this test's time.
     venv, wheels = fresh_install
     upstream = tmp_path / "tabbyAPI.git"
-    git = ["git", "-C", upstream, "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    git: list[str | Path] = ["git", "-C", upstream, "-c", "user.name=test", "-c", "user.email=test@example.org"]
     assert run(["git", "init", "-q", upstream]).returncode == 0
     (upstream / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=64"]\nbuild-backend = "setuptools.build_meta"\n'

@@ -46,7 +46,8 @@ in
       description = ''
         TabbyAPI, for `backend: tabbyapi` profiles: a derivation holding TabbyAPI's checkout
         (`main.py` at its top), used as `proxy.tabby_dir`. The proxy runs its `venv/bin/python`
-        when there is one; otherwise set `settings.tabby_python`. Null: no TabbyAPI.
+        when there is one; otherwise set `settings.tabby_python`. The store is read-only, so keep
+        `settings.tabby_auth` at its default, off (keys would be written there). Null: no TabbyAPI.
       '';
     };
 
