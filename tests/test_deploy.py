@@ -346,11 +346,41 @@ def test_install_script_runs_again_on_the_same_venv_and_skips_tabbyapi_when_told
     assert "skipping TabbyAPI" in again.stdout and not (tmp_path / "tabby").exists()
 
 
+# The stand-in's build backend (PEP 517, with PEP 660's editable hook), standard library only, so
+# that pip's isolated build needs nothing installed: an editable wheel is a .pth file naming the
+# checkout, plus its metadata, with the cu12 extra TabbyAPI has.
+STAND_IN_BACKEND = """
+import base64, hashlib, os, zipfile
+
+def _wheel(directory, files):
+    name = "tabbyapi_stand_in-0.0.1-py3-none-any.whl"
+    files = {**files, "tabbyapi_stand_in-0.0.1.dist-info/METADATA":
+             "Metadata-Version: 2.1\\nName: tabbyapi-stand-in\\nVersion: 0.0.1\\nProvides-Extra: cu12\\n",
+             "tabbyapi_stand_in-0.0.1.dist-info/WHEEL":
+             "Wheel-Version: 1.0\\nGenerator: stand-in\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"}
+    record = []
+    with zipfile.ZipFile(os.path.join(directory, name), "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+            record.append(f"{path},sha256={digest},{len(text.encode())}")
+        record.append("tabbyapi_stand_in-0.0.1.dist-info/RECORD,,")
+        wheel.writestr("tabbyapi_stand_in-0.0.1.dist-info/RECORD", "\\n".join(record) + "\\n")
+    return name
+
+def build_wheel(directory, config_settings=None, metadata_directory=None):
+    return _wheel(directory, {"main.py": open("main.py").read()})
+
+def build_editable(directory, config_settings=None, metadata_directory=None):
+    return _wheel(directory, {"tabbyapi_stand_in.pth": os.getcwd() + "\\n"})
+"""
+
+
 @pytest.mark.timeout(600)
 def test_install_script_installs_tabbyapi_from_a_checkout_at_the_given_ref(
         fresh_install: tuple[Path, Path], tmp_path: Path) -> None:
-    # A stand-in for TabbyAPI's repository: its cu12 extra is empty here (the real one is torch and
-    # exllamav3, several GB). install.sh checks the ref out in an existing checkout and installs it,
+    # A stand-in for TabbyAPI's repository: its cu12 extra brings nothing here (the real one is torch
+    # and exllamav3, several GB). install.sh checks the ref out in an existing checkout and installs it,
     # editable and with the extra, into the checkout's venv/. That venv is the fresh install's here,
     # linked in: a second new venv would double this test's time.
     venv, wheels = fresh_install
@@ -358,9 +388,8 @@ def test_install_script_installs_tabbyapi_from_a_checkout_at_the_given_ref(
     git: list[str | Path] = ["git", "-C", upstream, "-c", "user.name=test", "-c", "user.email=test@example.org"]
     assert run(["git", "init", "-q", upstream]).returncode == 0
     (upstream / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=64"]\nbuild-backend = "setuptools.build_meta"\n'
-        '[project]\nname = "tabbyapi-stand-in"\nversion = "0.0.1"\n'
-        '[project.optional-dependencies]\ncu12 = []\n[tool.setuptools]\npy-modules = ["main"]\n')
+        '[build-system]\nrequires = []\nbuild-backend = "stand_in_backend"\nbackend-path = ["."]\n')
+    (upstream / "stand_in_backend.py").write_text(STAND_IN_BACKEND)
     (upstream / "main.py").write_text("print('first')\n")
     run([*git, "add", "-A"])
     run([*git, "commit", "-q", "-m", "first"])
