@@ -57,6 +57,7 @@ class StreamReply:
     done: bool                       # saw data: [DONE]
     error: str | None                # transport error, HTTP error, in-band error event, truncation
     ttft_s: float | None             # until the first event that carries text
+    first_event_s: float | None = None  # until the first data event (after any SSE comments: load progress)
     arrivals: list[float] = field(default_factory=list)   # per data event (timed=True only)
     sent_at: list[float] = field(default_factory=list)    # x_t per data event that has one (timed=True)
     text: str = ""                   # the streamed text (collect_text=True only)
@@ -165,6 +166,7 @@ class _Exchange:
         events = 0
         done = False
         ttft: float | None = None
+        first_event: float | None = None
         arrivals: list[float] = []
         sent_at: list[float] = []
         texts: list[str] = []
@@ -181,7 +183,7 @@ class _Exchange:
                 continue
             if data.startswith(b'{"error"') and error is None:
                 error = "in-band error event: " + data[:300].decode("utf-8", "replace")
-            wants_time = timed or (ttft is None and CONTENT.search(data) is not None)
+            wants_time = timed or first_event is None or (ttft is None and CONTENT.search(data) is not None)
             if not wants_time:
                 if collect_text:
                     texts.append(_event_text(data))
@@ -190,6 +192,8 @@ class _Exchange:
             chunk_payload_start, chunk_raw_start = table[max(index, 0)]
             raw_offset = chunk_raw_start + (match.end() - chunk_payload_start)
             arrived = self.times[min(bisect.bisect_left(self.ends, raw_offset), len(self.times) - 1)]
+            if first_event is None:
+                first_event = arrived - self.started
             if ttft is None and CONTENT.search(data) is not None:
                 ttft = arrived - self.started
             if timed:
@@ -203,6 +207,7 @@ class _Exchange:
             error = "the stream ended without data: [DONE]"
         return StreamReply(status=self.status, started=self.started, ended=self.ended, events=events,
                            payload_bytes=len(payload), wire_bytes=len(raw), done=done, error=error, ttft_s=ttft,
+                           first_event_s=first_event,
                            arrivals=arrivals, sent_at=sent_at, text="".join(texts))
 
 
@@ -256,11 +261,15 @@ def _connect(port: int, timeout_s: float) -> socket.socket:
 
 
 class Connection:
-    """Sequential requests over one keep-alive connection (reconnects when the server closed it)."""
+    """Sequential requests over one keep-alive connection (reconnects when the server closed it).
+
+    `connects` counts the TCP connections it opened, the first one included.
+    """
 
     def __init__(self, port: int, timeout_s: float = 120.0) -> None:
         self.port = port
         self.timeout_s = timeout_s
+        self.connects = 0
         self._sock: socket.socket | None = None
 
     def close(self) -> None:
@@ -302,6 +311,7 @@ class Connection:
             reused = self._sock is not None
             if self._sock is None:
                 self._sock = _connect(self.port, self.timeout_s)
+                self.connects += 1
             sock = self._sock
             exchange = _Exchange(time.monotonic())
             try:

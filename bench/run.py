@@ -2,7 +2,8 @@
 
 Measurements (targets in TARGETS):
 
-  P1   added latency of a small non-stream request (p50 proxied - p50 direct), synthetic upstream
+  P1   added latency of a small non-stream request (p50 proxied - p50 direct), synthetic upstream;
+       P1.cpu: the proxy's CPU per such request
   P2   relay rate of a long unpaced stream, proxied / direct (P2b: the same, paced at 20,000 chunks/s)
   P3   added time to first token (p50), synthetic upstream with a token rate
   GAP  inter-chunk delay preservation at a token rate: each chunk's arrival gap against the gap at
@@ -10,6 +11,11 @@ Measurements (targets in TARGETS):
   P4   cold-load overhead: first token on a stopped model through the proxy minus the backend's own
        start (spawned by us, polled until /health is 200) plus its first answer; synthetic and SmolLM2
   P5   64 concurrent streams: errors and the aggregate rate, proxied / direct
+  P8   256 concurrent streams (a proxy with 320 threads): errors, rate ratio, RSS per open stream
+  CONN connections opened by N sequential streamed requests from one keep-alive client, OpenAI SSE
+       and Ollama NDJSON: client to proxy (CONN) and proxy to backend (CONN.backend)
+  SWAP synthetic A -> B swap (max_loaded_models 1), A's last byte to B's first, minus B's own start
+  TABBY.swap  TabbyAPI test bed: a swap in place (resident_group) and one to a new process
   P6   idle deadline to child exit (unload_timer: 1), beside the backend's own SIGTERM-to-exit time
   P7   proxy RSS idle and under the 64-stream load; proxy CPU seconds per 1,000 relayed chunks
   SMOL the real SmolLM2 backend: added latency of a small request and added time to first token
@@ -29,10 +35,9 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,17 +46,21 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in requirements-dev.txt
 
-from bench.client import Connection, StreamReply, run_streams
+from bench.client import Connection, StreamReply
+from bench.concurrency import concurrency_metric, measure_wide, run_concurrent
+from bench.connections import measure_connections
 from bench.procs import Processes, free_port, process_exited, wait_http_ok
 from bench.report import Metric, markdown, write_results
-from bench.stack import (PROXY_THREADS, ROOT, SMOL, SMOL_IDLE, SYNTH, SYNTH_IDLE, ProxyUnderTest, smollm2_gguf,
-                         synthetic_argv, write_config)
+from bench.sampling import MB, CpuMeter, rss_mb
+from bench.stack import (PROXY_THREADS, ROOT, SMOL, SMOL_IDLE, SWAP_A, SWAP_B, SYNTH, SYNTH_IDLE, TABBY_KNOBS,
+                         TABBY_PLAIN, TABBY_RESIDENT, WIDE_PROXY_THREADS, ProxyUnderTest, smollm2_gguf,
+                         synthetic_argv, tabby_testbed, write_config, write_tabby_config, write_wide_config)
 from bench.stats import Summary, summarize
+from bench.swaps import measure_swap, measure_tabby_swaps
 
 log = logging.getLogger("bench")
 
 CHAT = "/v1/chat/completions"
-MB = 1_000_000  # decimal megabytes, as the targets are written
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 TARGETS = {
@@ -68,7 +77,7 @@ TARGETS = {
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """How much of everything to run; `quick` fits in a minute on two cores, `full` in a few."""
+    """How much of everything to run; `quick` takes about 20 s on two cores, `full` a few minutes."""
 
     mode: str
     p1_requests: int = 300
@@ -86,6 +95,15 @@ class Settings:
     p5_chunks: int = 200
     p5_rate: float = 100.0            # per stream
     p5_runs: int = 2
+    p8: bool = True                   # off in quick mode: opening 256 streams through the proxy takes seconds
+    p8_streams: int = 256
+    p8_chunks: int = 100
+    p8_rate: float = 50.0             # per stream: 2 s of streaming
+    p8_runs: int = 2
+    conn_requests: int = 50
+    swap_runs: int = 6
+    tabby: bool = True
+    tabby_runs: int = 3
     p4_runs: int = 5
     p6_runs: int = 3
     smollm2: bool = True
@@ -94,13 +112,15 @@ class Settings:
     smol_idle_runs: int = 1
 
     @staticmethod
-    def for_mode(quick: bool, smollm2: bool | None) -> Settings:
+    def for_mode(quick: bool, smollm2: bool | None, tabby: bool | None = None) -> Settings:
         if not quick:
-            return Settings(mode="full", smollm2=True if smollm2 is None else smollm2)
+            return Settings(mode="full", smollm2=True if smollm2 is None else smollm2,
+                            tabby=True if tabby is None else tabby)
         return Settings(mode="quick", p1_requests=60, p2_chunks=5000, p2_runs=2, p2_paced_chunks=5000,
                         p2_paced_runs=2, p3_runs=12, gap_chunks=30, gap_runs=1, p5_chunks=150, p5_runs=1,
+                        p8=False, conn_requests=10, swap_runs=2,
                         p4_runs=3, p6_runs=1, smollm2=False if smollm2 is None else smollm2, smol_runs=4,
-                        smol_cold_runs=1, smol_idle_runs=1)
+                        smol_cold_runs=1, smol_idle_runs=1, tabby=False if tabby is None else tabby)
 
 
 def chat_body(model: str, *, stream: bool = False, chunks: int = 8, rate: float | None = None,
@@ -125,81 +145,30 @@ def _added(metric: Metric, limit: float) -> None:
     metric.passed = metric.value <= limit
 
 
-class ProxyCpu:
-    """CPU seconds (user + system, all threads) a process used between start() and stop()."""
-
-    def __init__(self, pid: int) -> None:
-        self._process = psutil.Process(pid)
-        self.total_s = 0.0
-        self._mark = 0.0
-
-    def _now(self) -> float:
-        times = self._process.cpu_times()
-        return float(times.user + times.system)
-
-    @contextmanager
-    def counting(self) -> Iterator[None]:
-        self._mark = self._now()
-        try:
-            yield
-        finally:
-            self.total_s += self._now() - self._mark
-
-
-class RssSampler:
-    """Samples a process's RSS in a thread; peak_mb after stop()."""
-
-    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
-        self._process = psutil.Process(pid)
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self.samples: list[float] = []
-        self.threads_peak = 0
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.samples.append(self._process.memory_info().rss / MB)
-                self.threads_peak = max(self.threads_peak, self._process.num_threads())
-            except psutil.Error:
-                return
-            self._stop.wait(self._interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return max(self.samples, default=float("nan"))
-
-
 class Bench:
     """One benchmark run against one proxy process; collects Metrics, notes and errors."""
 
-    def __init__(self, settings: Settings, processes: Processes, proxy: ProxyUnderTest, workdir: Path) -> None:
+    def __init__(self, settings: Settings, processes: Processes, proxy: ProxyUnderTest, workdir: Path, *,
+                 proxy_script: Path = ROOT / "proxy.py", proxy_log_level: str = "INFO") -> None:
         self.settings = settings
         self.processes = processes
         self.proxy = proxy
         self.workdir = workdir
+        self.proxy_script = proxy_script      # for the other proxies it starts (wide, TabbyAPI)
+        self.proxy_log_level = proxy_log_level
         self.metrics: list[Metric] = []
         self.notes: list[str] = []
         self.errors: list[str] = []
-        self.rss_fresh_mb = psutil.Process(proxy.pid).memory_info().rss / MB
+        self.rss_fresh_mb = rss_mb(proxy.pid)
         self.rss_idle_mb = float("nan")
         self.rss_load_mb = float("nan")
-        self.proxy_cpu = ProxyCpu(proxy.pid)
+        self.proxy_cpu = CpuMeter(proxy.pid)
         self.relay_cpu_s = 0.0
         self.relayed_chunks = 0
 
     # ----- bookkeeping ---------------------------------------------------------------------------
 
-    def measure(self, key: str, step: Callable[[], list[Metric]]) -> None:
+    def measure(self, key: str, step: Callable[[], list[Metric]], proxy: ProxyUnderTest | None = None) -> None:
         """Run one measurement; a failure is recorded (with the proxy log's end) and the run goes on."""
         log.info("measuring %s", key)
         started = time.monotonic()
@@ -207,7 +176,7 @@ class Bench:
             self.metrics += step()
         except Exception as exc:
             log.exception("%s failed", key)
-            tail = self.processes.log_tail("proxy", 8).replace("\n", " | ")
+            tail = self.processes.log_tail((proxy or self.proxy).name, 8).replace("\n", " | ")
             self.errors.append(f"{key}: {type(exc).__name__}: {exc} (proxy log: {tail})")
         log.info("%s done in %.1fs", key, time.monotonic() - started)
 
@@ -219,8 +188,13 @@ class Bench:
         self.proxied = Connection(self.proxy.port)
         try:
             self.measure("P1", self.p1_latency)
+            idle_cpu_s = self.proxy_cpu.now_s()
             time.sleep(0.5)
-            self.rss_idle_mb = psutil.Process(self.proxy.pid).memory_info().rss / MB
+            self.idle_cpu_ms_per_s = (self.proxy_cpu.now_s() - idle_cpu_s) / 0.5 * 1000.0
+            self.rss_idle_mb = rss_mb(self.proxy.pid)
+            self.measure("P1.cpu", self.p1_cpu)
+            self.measure("CONN", lambda: measure_connections(self.proxy.port, self.backend.port, SYNTH,
+                                                             self.settings.conn_requests))
             self.measure("P2", self.p2_relay)
             self.measure("P3", self.p3_ttft)
             self.measure("GAP", self.gaps)
@@ -240,19 +214,40 @@ class Bench:
         body = chat_body(SYNTH, chunks=8)
         timings: dict[str, list[float]] = {"direct": [], "proxy": []}
         failures = 0
-        for index in range(self.settings.p1_requests + 20):
+        rounds = self.settings.p1_requests + 20
+        proxy_cpu, backend_cpu = self.proxy_cpu, CpuMeter(self.backend.pid)
+        cpu_at_start = (proxy_cpu.now_s(), backend_cpu.now_s())
+        for index in range(rounds):
             for side, connection in (("direct", self.direct), ("proxy", self.proxied)):
                 reply = connection.post(CHAT, body)
                 if reply.status != 200:
                     failures += 1
                 elif index >= 20:  # the first 20 are warm-up
                     timings[side].append(reply.elapsed_s)
+        # Over the whole loop, not per request: the proxy's work after an answer's last byte (access
+        # log, request log, lease release) falls outside any window around the request itself.
+        self.p1_cpu_s = (proxy_cpu.now_s() - cpu_at_start[0], backend_cpu.now_s() - cpu_at_start[1])
+        self.p1_proxied_requests = rounds
         direct, proxy = summarize(timings["direct"]).scaled(1000.0), summarize(timings["proxy"]).scaled(1000.0)
         metric = Metric("P1", "added latency, small non-stream request (synthetic)", "ms", TARGETS["P1"],
                         direct=direct, proxy=proxy)
         _added(metric, 1.0)
         metric.passed = metric.passed and failures == 0
         metric.details = {"failed_requests": failures, "added_p95_ms": proxy.p95 - direct.p95}
+        return [metric]
+
+    def p1_cpu(self) -> list[Metric]:
+        proxy_s, backend_s = self.p1_cpu_s
+        requests = self.p1_proxied_requests
+        per_request_ms = proxy_s / requests * 1000.0
+        backend_ms = backend_s / (2 * requests) * 1000.0  # the backend answered both sides' requests
+        metric = Metric("P1.cpu", "proxy CPU per small non-stream request (the P1 loop)", "ms", "report",
+                        proxy=summarize([per_request_ms]), value=per_request_ms, value_label="CPU ms / request")
+        metric.details = {"proxy_cpu_s": proxy_s, "proxied_requests": requests,
+                          "backend_cpu_ms_per_request": backend_ms, "proxy_idle_cpu_ms_per_s": self.idle_cpu_ms_per_s}
+        metric.note = (f"the proxy process's user + system CPU over the P1 loop ({proxy_s:.2f} s, the direct requests' "
+                       f"time included) / its {requests} proxied requests; the synthetic backend spends "
+                       f"{backend_ms:.3f} ms per request; the idle proxy uses {self.idle_cpu_ms_per_s:.2f} ms per s")
         return [metric]
 
     def _relay_runs(self, chunks: int, runs: int, rate: float) -> tuple[dict[str, list[StreamReply]], int]:
@@ -381,51 +376,18 @@ class Bench:
     def p5_concurrency(self) -> list[Metric]:
         settings = self.settings
         body = chat_body(SYNTH, stream=True, chunks=settings.p5_chunks, rate=settings.p5_rate)
-        expected_events = settings.p5_chunks + 3
-        rates: dict[str, list[float]] = {"direct": [], "proxy": []}
-        errors = {"direct": 0, "proxy": 0}
-        examples: list[str] = []
-        peaks: list[float] = []
-        ramp: dict[str, list[float]] = {"direct": [], "proxy": []}
-        threads_peak = 0
-        for _ in range(settings.p5_runs):
-            for side, port in (("direct", self.backend.port), ("proxy", self.proxy.port)):
-                if side == "proxy":
-                    with RssSampler(self.proxy.pid) as sampler:
-                        replies = run_streams(port, CHAT, [body] * settings.p5_streams)
-                    peaks.append(sampler.peak_mb)
-                    threads_peak = max(threads_peak, sampler.threads_peak)
-                else:
-                    replies = run_streams(port, CHAT, [body] * settings.p5_streams)
-                bad = [reply for reply in replies if not reply.ok or reply.events != expected_events]
-                errors[side] += len(bad)
-                examples += [f"{side}: {reply.error or f'{reply.events} events'}" for reply in bad[:3]]
-                span = max(reply.ended for reply in replies) - min(reply.started for reply in replies)
-                rates[side].append(sum(reply.events for reply in replies if reply.ok) / span)
-                first_tokens = [reply.started + reply.ttft_s for reply in replies if reply.ttft_s is not None]
-                if first_tokens:  # how long until every stream had begun: the ramp-up, not the relay
-                    ramp[side].append(max(first_tokens) - min(reply.started for reply in replies))
-        self.rss_load_mb = max(peaks)
-        direct, proxy = summarize(rates["direct"]), summarize(rates["proxy"])
-        ratio = proxy.median / direct.median
-        metric = Metric("P5", f"{settings.p5_streams} concurrent streams ({settings.p5_chunks} chunks at "
-                        f"{settings.p5_rate:g}/s each), aggregate rate", "chunks/s", TARGETS["P5"],
-                        direct=direct, proxy=proxy, ratio=ratio, value=ratio, value_label="ratio of medians",
-                        passed=errors["proxy"] == 0 and ratio >= 0.9)
-        ramp_ms = {side: _ms(summarize(values)) if values else None for side, values in ramp.items()}
-        metric.details = {"errors": errors, "error_examples": examples[:6], "proxy_threads_peak": threads_peak,
-                          "all_streams_begun_ms": ramp_ms}
-        begun = ", ".join(f"{side} {value.median:.0f} ms" for side, value in ramp_ms.items() if value is not None)
-        metric.note = (f"errors: proxy {errors['proxy']}, direct {errors['direct']}; first token of the last "
-                       f"stream to begin, from the first request: {begun}")
-        return [metric]
+        result = run_concurrent(self.backend.port, self.proxy.port, self.proxy.pid, body, streams=settings.p5_streams,
+                                runs=settings.p5_runs, expected_events=settings.p5_chunks + 3)
+        self.rss_load_mb = max(result.rss_peaks_mb)
+        return [concurrency_metric("P5", f"{settings.p5_streams} concurrent streams ({settings.p5_chunks} chunks at "
+                                   f"{settings.p5_rate:g}/s each), aggregate rate", TARGETS["P5"], result)]
 
     def p7_memory_cpu(self) -> list[Metric]:
         idle = Metric("P7", "proxy RSS idle (after warm-up)", "MB", TARGETS["P7"],
                       proxy=summarize([self.rss_idle_mb]))
         idle.value, idle.value_label = self.rss_idle_mb, "RSS"
         idle.passed = self.rss_idle_mb <= 80.0
-        after = psutil.Process(self.proxy.pid).memory_info().rss / MB
+        after = rss_mb(self.proxy.pid)
         idle.details = {"rss_fresh_mb": self.rss_fresh_mb, "rss_after_load_mb": after}
         idle.note = f"fresh start {self.rss_fresh_mb:.1f} MB; idle again after the 64-stream load {after:.1f} MB"
         load = Metric("P7.load", f"proxy RSS peak under {self.settings.p5_streams} streams", "MB", "report",
@@ -534,6 +496,39 @@ class Bench:
                 raise RuntimeError(f"{model} did not become {state} within {timeout_s:g}s")
             time.sleep(0.01)
 
+    # ----- the wide proxy: 256 streams, swaps ----------------------------------------------------
+
+    def run_wide(self, wide: ProxyUnderTest) -> None:
+        """P8 and SWAP on the wide proxy (320 threads, max_loaded_models 1), stopped afterwards."""
+        try:
+            if self.settings.p8:
+                self.measure("P8", lambda: measure_wide(wide, streams=self.settings.p8_streams,
+                                                        chunks=self.settings.p8_chunks, rate=self.settings.p8_rate,
+                                                        runs=self.settings.p8_runs, main_idle_mb=self.rss_idle_mb), wide)
+            else:
+                self.notes.append(f"P8 skipped (quick mode: opening {self.settings.p8_streams} streams through the "
+                                  "proxy takes seconds on two cores; the full run measures it)")
+            self.measure("SWAP", lambda: measure_swap(self.processes, wide, self.workdir, (SWAP_A, SWAP_B),
+                                                      self.settings.swap_runs), wide)
+        finally:
+            wide.stop()
+
+    # ----- TabbyAPI (the test bed) ----------------------------------------------------------------
+
+    def run_tabby(self, tabby_dir: Path) -> None:
+        """TABBY.swap.* on a third proxy whose tabbyapi profiles run the test bed, stopped afterwards."""
+        directory = self.workdir / "tabby"
+        config_path = write_tabby_config(directory, tabby_dir)
+        tabby = ProxyUnderTest(self.processes, config_path, name="proxy-tabby", env=TABBY_KNOBS,
+                               log_level=self.proxy_log_level, script=self.proxy_script)
+        try:
+            tabby.wait_healthy()
+            self.measure("TABBY.swap", lambda: measure_tabby_swaps(
+                self.processes, tabby, config_path, directory, TABBY_RESIDENT, TABBY_PLAIN, self.settings.tabby_runs,
+                TABBY_KNOBS), tabby)
+        finally:
+            tabby.stop()
+
     # ----- the real SmolLM2 backend -------------------------------------------------------------
 
     def run_smollm2(self) -> None:
@@ -624,6 +619,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the markdown table goes next to it with the suffix .md")
     parser.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=None,
                         help="measure the real SmolLM2 backend (default: on in full mode, off with --quick)")
+    parser.add_argument("--tabby", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure TabbyAPI swaps on the test bed (default: on in full mode, off with --quick)")
     parser.add_argument("--proxy-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--proxy-script", type=Path, default=ROOT / "proxy.py",
                         help="the proxy to measure (default: this checkout's proxy.py; another checkout's to compare)")
@@ -639,7 +636,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="bench %(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    settings = Settings.for_mode(args.quick, args.smollm2)
+    settings = Settings.for_mode(args.quick, args.smollm2, args.tabby)
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_at_start = list(os.getloadavg())
@@ -655,17 +652,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proxy = ProxyUnderTest(processes, write_config(workdir, gguf, llama_threads=args.llama_threads),
                                log_level=args.proxy_log_level, script=args.proxy_script.resolve())
+        # Started beside the main proxy so that their start-ups overlap; it idles until run_wide.
+        wide = ProxyUnderTest(processes, write_wide_config(workdir / "wide"), name="proxy-wide",
+                              log_level=args.proxy_log_level, script=args.proxy_script.resolve())
         try:
             proxy.wait_healthy()
-            bench = Bench(settings, processes, proxy, workdir)
+            wide.wait_healthy()
+            bench = Bench(settings, processes, proxy, workdir, proxy_script=args.proxy_script.resolve(),
+                          proxy_log_level=args.proxy_log_level)
             bench.run_synthetic()
+            bench.run_wide(wide)
+            if settings.mode == "quick":
+                notes.append(f"quick mode: CONN over {settings.conn_requests} requests, SWAP over {settings.swap_runs} swaps")
             if not settings.smollm2:
                 notes.append("SmolLM2 part skipped (quick mode; --smollm2 to include it)")
             elif gguf is None:
                 notes.append(f"SmolLM2 part skipped: {missing}")
             else:
                 bench.run_smollm2()
+            if not settings.tabby:
+                notes.append("TABBY.swap skipped (quick mode: it takes about two minutes; --tabby to include it)")
+            else:
+                tabby_dir, why = tabby_testbed()
+                if tabby_dir is None:
+                    notes.append(f"TABBY.swap skipped: {why}")
+                else:
+                    bench.run_tabby(tabby_dir)
         finally:
+            wide.close()
             proxy.close()
     except KeyboardInterrupt:
         interrupted = True
@@ -682,17 +696,18 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.monotonic() - started
     cpus = os.cpu_count() or 1
     foreign_percent = max(0.0, (_busy_cpu_s() - busy_at_start) - (_own_cpu_s() - own_at_start)) / (wall_s * cpus) * 100.0
-    notes.append(f"other processes on the machine used {foreign_percent:.0f}% of its {cpus} CPUs during the run "
-                 f"(load average {load_at_start[0]:.2f} at the start): the higher, the noisier the figures")
     metrics = bench.metrics if bench else []
     if bench:
         notes += bench.notes
         errors = bench.errors + errors
+    notes.append(f"other processes on the machine used {foreign_percent:.0f}% of its {cpus} CPUs during the run "
+                 f"(load average {load_at_start[0]:.2f} at the start): the higher, the noisier the figures")
     meta = {
         "mode": settings.mode, "started_at": started_at, "duration_s": time.monotonic() - started,
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
         "load_average_start": load_at_start, "foreign_cpu_percent": foreign_percent,
-        "load_average_end": list(os.getloadavg()), "proxy_threads": PROXY_THREADS, "interrupted": interrupted,
+        "load_average_end": list(os.getloadavg()), "proxy_threads": PROXY_THREADS,
+        "wide_proxy_threads": WIDE_PROXY_THREADS, "interrupted": interrupted,
         "settings": dataclasses.asdict(settings), "smollm2_gguf": str(gguf) if gguf else None,
         "proxy_script": str(args.proxy_script.resolve()), "llama_threads": args.llama_threads,
     }

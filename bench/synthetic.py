@@ -6,7 +6,8 @@ command itself to measure direct):
     python bench/synthetic.py --port 5123 --model synth [--chunks 16] [--token-rate 0]
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions (stream and
-non-stream). Streams use chunked transfer encoding, one HTTP chunk (and one send) per SSE event, so
+non-stream), and GET /x/connections: `{"accepted": N}`, the connections accepted so far (how a
+benchmark sees whether its client, the proxy, reuses connections; the asking connection counts too). Streams use chunked transfer encoding, one HTTP chunk (and one send) per SSE event, so
 a relay sees exactly what a token-by-token server sends.
 
 Per request, `max_tokens` sets the number of content chunks and `x_token_rate` the pace in tokens per
@@ -35,13 +36,14 @@ DONE_AND_END = b"%x\r\n%s\r\n0\r\n\r\n" % (len(DONE_EVENT), DONE_EVENT)  # the l
 
 
 class Settings:
-    """The defaults from the command line."""
+    """The defaults from the command line, and the count of accepted connections."""
 
     def __init__(self, model: str, chunks: int, token_rate: float) -> None:
         self.model = model
         self.model_json = json.dumps(model).encode()
         self.chunks = chunks
         self.token_rate = token_rate
+        self.accepted = 0  # written by the accept loop only; the connection threads only read it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while True:
             conn, _ = listener.accept()
+            settings.accepted += 1
             threading.Thread(target=_serve_connection, args=(conn, settings), daemon=True).start()
     except KeyboardInterrupt:
         return 0
@@ -155,6 +158,8 @@ def _send_json(conn: socket.socket, status: int, obj: Any, keep_alive: bool) -> 
 def _respond(conn: socket.socket, settings: Settings, method: str, path: str, raw: bytes, keep_alive: bool) -> bool:
     if method == "GET" and path == "/health":
         return _send_json(conn, 200, {"status": "ok"}, keep_alive)
+    if method == "GET" and path == "/x/connections":
+        return _send_json(conn, 200, {"accepted": settings.accepted}, keep_alive)
     if method == "GET" and path == "/v1/models":
         card = {"id": settings.model, "object": "model", "owned_by": "bench"}
         return _send_json(conn, 200, {"object": "list", "data": [card]}, keep_alive)

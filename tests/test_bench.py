@@ -36,4 +36,14 @@ def test_quick_benchmark_runs_and_shows_no_gross_regression(tmp_path: Path) -> N
     assert metrics["P7.cpu"]["value"] <= 100.0, metrics["P7.cpu"]  # proxy CPU µs per relayed chunk (~10)
     assert metrics["P5"]["details"]["errors"]["proxy"] == 0, metrics["P5"]["details"]
     assert metrics["P1"]["value"] <= 50.0, metrics["P1"]           # added ms at p50
+    assert metrics["P1.cpu"]["value"] <= 50.0, metrics["P1.cpu"]   # proxy CPU ms per small request (~1-5)
     assert metrics["P7"]["value"] <= 300.0, metrics["P7"]          # idle RSS in MB
+
+    # Connection reuse is a count, not a timing: one client connection carries every streamed answer
+    # in both dialects, and the proxy's streams reuse pooled backend connections (a proxy that
+    # opened one per stream would show one per request).
+    assert metrics["CONN"]["details"]["failed_requests"] == 0, metrics["CONN"]
+    assert metrics["CONN"]["value"] == 1, metrics["CONN"]
+    assert metrics["CONN.backend"]["value"] <= 2, metrics["CONN.backend"]
+    # A swap adds tens of ms to the backend's own start; one that waited out stop_grace (5 s) would not pass.
+    assert metrics["SWAP"]["value"] <= 2000.0, metrics["SWAP"]     # added ms at p50
