@@ -425,7 +425,7 @@ def test_closed_connections_free_their_stream_slots_promptly(start_proxy: Start)
 def test_status_is_unchanged_by_the_shared_builder(client: FlaskClient) -> None:
     answer = client.get("/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     body = answer.get_json()
-    assert list(body) == ["version", "uptime_s", "max_loaded_models", "models", "memory"]
+    assert list(body) == ["version", "uptime_s", "max_loaded_models", "models", "memory", "peers"]
     assert answer.get_data(as_text=True).startswith('{"version":')
 
 
