@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -213,15 +213,24 @@ class Namespace:
     """A network namespace with a veth pair to it: the host side 10.x.y.1/30, the peer's side 10.x.y.2/30."""
 
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 10000}{int(time.time() * 1000) % 1000:03d}"
+        chance = random.SystemRandom()
+        tag = f"{os.getpid() % 10000}{chance.randrange(1000):03d}"
         self.name = f"mpt{tag}"
         self.host_link, self.peer_link = f"mph{tag}", f"mpp{tag}"
-        block = 4 * (os.getpid() % 60)
-        self.host_address = f"10.213.{int(tag) % 250}.{block + 1}"
-        self.address = f"10.213.{int(tag) % 250}.{block + 2}"
+        self.host_address = self.address = ""
         self._made: list[list[str]] = []
 
     def create(self) -> None:
+        chance = random.SystemRandom()
+        for _ in range(20):  # a /30 that no address or route of this machine (another test run's) uses yet
+            prefix = f"10.213.{chance.randrange(256)}.{4 * chance.randrange(64)}"
+            used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, timeout=10).stdout + \
+                subprocess.run(["ip", "-o", "route"], capture_output=True, text=True, timeout=10).stdout
+            if prefix.rsplit(".", 1)[0] + "." not in used:
+                break
+        base = prefix.rsplit(".", 1)
+        self.host_address = f"{base[0]}.{int(base[1]) + 1}"
+        self.address = f"{base[0]}.{int(base[1]) + 2}"
         self._ip("netns", "add", self.name)
         self._made.append(["netns", "del", self.name])
         self._ip("link", "add", self.host_link, "type", "veth", "peer", "name", self.peer_link)
