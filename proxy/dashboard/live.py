@@ -61,18 +61,19 @@ def status_events(status: Callable[[], str], recent: Recent, wanted: Callable[[]
     yield f"retry: {RETRY_MS}\n\n".encode()
     ends_at = clock() + lifetime_s
     version = recent.wait(-1, 0)  # the version now, without waiting
+    changed = False
     while True:
         yield b"event: status\ndata: " + status().encode() + b"\n\n"
+        if changed:  # after the status it changed: the page's request list then matches its models
+            yield b"event: recent\ndata: " + json.dumps({"version": version}).encode() + b"\n\n"
         sent_at = clock()
         seen = recent.wait(version, max(0.0, min(tick_s, ends_at - sent_at)))
         if clock() >= ends_at or not wanted():
             return
-        if seen != version:
-            version = seen
-            yield b"event: recent\ndata: " + json.dumps({"version": version}).encode() + b"\n\n"
-            pause = MIN_GAP_S - (clock() - sent_at)
-            if pause > 0:
-                time.sleep(pause)  # coalesce a burst: many requests finishing at once make one event
+        changed, version = seen != version, seen
+        pause = MIN_GAP_S - (clock() - sent_at)
+        if changed and pause > 0:
+            time.sleep(pause)  # coalesce a burst: many requests finishing at once make one event
 
 
 class Held:
