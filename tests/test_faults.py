@@ -61,6 +61,7 @@ def test_no_orphan_when_a_backend_crashes_loading_hangs_or_dies_mid_stream(start
     FIGURES["orphans_after_backend_faults"] = len(proxy.surviving_backends())
 
 
+@pytest.mark.timeout(300)  # a soak: about 80 s on a quiet machine, much more beside other tests on two cores
 def test_soak_of_randomized_requests_loses_nothing(start_proxy: Start) -> None:
     total, workers = 1000, 8
     proxy = start_proxy(
