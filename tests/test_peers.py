@@ -26,7 +26,7 @@ from proxy.config import Config, load_config
 from proxy.endpoints import Endpoint
 from proxy.peers import Conflict, PeerModel, merge, peer_models
 from proxy.settings import PeerSettings
-from tests.conftest import API_KEY, ROOT, ProxyProcess, fake_profile, free_port, write_config
+from tests.conftest import ADMIN_KEY, API_KEY, ROOT, ProxyProcess, fake_profile, free_port, write_config
 
 PEER_API_KEY = "peer-api-key-0123456789"
 PEER_ADMIN_KEY = "peer-admin-key-0123456789"
@@ -360,3 +360,24 @@ def test_a_peers_own_peer_models_are_never_listed() -> None:
     assert peer_models(listing_) == (PeerModel("mine", ("m",), "ready", "llamacpp"),)
     with pytest.raises(ValueError):
         peer_models({"detail": "not a listing"})
+
+
+def test_the_dashboards_load_and_unload_of_a_peers_model_go_to_the_peer(instances: Start) -> None:
+    peer = instances({"alpha": fake_profile()}, peer_keys=True)
+    front = instances({"local": fake_profile()}, peers=[peer_entry(peer)])
+    front.wait_for(lambda: "alpha" in front.models(), timeout_s=10, what="the peer's models in the listing")
+    browser = requests.Session()
+    browser.trust_env = False
+    login = browser.post(front.url + "/ui/login", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    assert login.status_code == 200 and login.json()["admin"] is True
+    page = browser.get(front.url + "/ui", timeout=10).text
+    csrf = page.split('<meta name="csrf-token" content="', 1)[1].split('"', 1)[0]
+
+    loading = browser.post(front.url + "/ui/load?model=alpha", headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert loading.status_code == 202, loading.text
+    front.wait_for(lambda: peer.status("alpha")["state"] == "ready", timeout_s=15, what="alpha loaded on the peer")
+    assert front.backends() == []  # the front started nothing for it
+
+    unloading = browser.post(front.url + "/ui/unload?model=alpha", headers={"X-CSRF-Token": csrf}, timeout=10)
+    assert unloading.status_code == 202, unloading.text
+    front.wait_for(lambda: peer.status("alpha")["state"] == "stopped", timeout_s=15, what="alpha unloaded there")

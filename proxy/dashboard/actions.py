@@ -26,19 +26,20 @@ class Actions:
         """Start loading a model (waits in the queue like a request); return False if one is already running."""
         def run() -> None:
             manager.acquire(model).release()  # the lease's release starts the idle clock, as a request's does
-        return self._start("load", model, who, run)
+        return self.start("load", model, who, run)
 
     def unload(self, manager: ModelManager, model: str, who: str) -> bool:
         """Start unloading a model once its requests finish (as /unload); return False if one is already running."""
         def run() -> None:
             manager.unload(model)
-        return self._start("unload", model, who, run)
+        return self.start("unload", model, who, run)
 
     def running(self) -> set[tuple[str, str]]:
         with self._lock:
             return set(self._running)
 
-    def _start(self, action: str, model: str, who: str, run: Callable[[], None]) -> bool:
+    def start(self, action: str, model: str, who: str, run: Callable[[], object]) -> bool:
+        """Run `run` in the background as `action` on `model` (a peer's model: forwarded to the peer)."""
         with self._lock:
             if (action, model) in self._running:
                 return False

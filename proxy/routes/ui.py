@@ -25,6 +25,7 @@ from proxy.dashboard.live import Held, StreamSlots, status_events, stream_limit
 from proxy.dashboard.sessions import COOKIE, Session, Sessions
 from proxy.dashboard.tail import log_path, tail_lines
 from proxy.errors import BadRequest, Forbidden, ProxyError, ServerBusy, Unauthorized, render_openai_error
+from proxy.peers import is_peer_model
 from proxy.pipeline import resolve_model
 from proxy.routes.admin import status_body
 
@@ -279,9 +280,14 @@ def load() -> Response:
     """Load a model as a request would (acquire, then release), in the background: 202 at once."""
     viewer = require_action(admin=True)
     context = ProxyContext.current()
-    name = resolve_model(context.config, _model_argument()).name
-    started = dashboard().actions.load(context.manager, name, viewer.name or "(auth off)")
-    return _accepted("load", name, started)
+    model = resolve_model(context.config, _model_argument())
+    who = viewer.name or "(auth off)"
+    if is_peer_model(model):  # the peer's own scheduler loads it, there (as /models/load does)
+        started = dashboard().actions.start("load", model.name, who, lambda: context.peers.forward(
+            model, "/models/load", {"model": model.upstream_model}))
+    else:
+        started = dashboard().actions.load(context.manager, model.name, who)
+    return _accepted("load", model.name, started)
 
 
 @bp.post("/ui/unload")
@@ -289,9 +295,14 @@ def unload() -> Response:
     """Unload a model once its running requests finish (as /unload), in the background: 202 at once."""
     viewer = require_action(admin=True)
     context = ProxyContext.current()
-    name = resolve_model(context.config, _model_argument()).name
-    started = dashboard().actions.unload(context.manager, name, viewer.name or "(auth off)")
-    return _accepted("unload", name, started)
+    model = resolve_model(context.config, _model_argument())
+    who = viewer.name or "(auth off)"
+    if is_peer_model(model):  # the peer's own scheduler unloads it, there (as /unload does)
+        started = dashboard().actions.start("unload", model.name, who, lambda: context.peers.forward(
+            model, "/unload", {"model": model.upstream_model}))
+    else:
+        started = dashboard().actions.unload(context.manager, model.name, who)
+    return _accepted("unload", model.name, started)
 
 
 PAGES = frozenset({"ui.page", "ui.login_page"})
