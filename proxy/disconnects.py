@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import urllib3
-from requests.adapters import HTTPAdapter
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +58,28 @@ def gone() -> bool:
     return _current.watch is not None and _current.watch.fired
 
 
+def _join_watch(connection: urllib3.connection.HTTPConnection) -> None:
+    """Make a backend connection that is about to send a request the calling thread's watched one."""
+    watch = _current.watch
+    if watch is not None:
+        watch.connection = connection
+        if watch.fired:  # the client left before this request went out
+            raise ConnectionAbortedError("the client closed the connection")
+
+
 class WatchedConnection(urllib3.connection.HTTPConnection):
     """A backend connection that joins the calling thread's watch when it sends a request."""
 
     def request(self, *args: Any, **kwargs: Any) -> None:  # urllib3's arguments pass through unchanged
-        watch = _current.watch
-        if watch is not None:
-            watch.connection = self
-            if watch.fired:  # the client left before this request went out
-                raise ConnectionAbortedError("the client closed the connection")
+        _join_watch(self)
+        super().request(*args, **kwargs)
+
+
+class WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    """The same for a remote backend over TLS."""
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _join_watch(self)
         super().request(*args, **kwargs)
 
 
@@ -75,12 +87,8 @@ class WatchedPool(urllib3.HTTPConnectionPool):
     ConnectionCls = WatchedConnection
 
 
-class WatchedAdapter(HTTPAdapter):
-    """requests' adapter whose plain-HTTP pools make WatchedConnections (PoolManager's own hook)."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "http": WatchedPool}
+class WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
 
 
 class Watcher:

@@ -25,7 +25,7 @@ from proxy.manager import Lease, ModelManager
 from proxy.pipeline import Prepared
 from proxy.progress import PROGRESS_EVERY_S, progress_text
 from proxy.streaming import StreamTransform, relay, transformed
-from proxy.upstream import RawBody, Upstream
+from proxy.upstream import RawBody, Upstream, close_response
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Opened:
         self._upstream = upstream
         self.lease = lease
         self.response = response
-        self.status: int = response.status_code
+        self.status: int = response.status
         self.content_type: str = response.headers.get("Content-Type", "application/json")
         declared = response.headers.get("Content-Length", "")
         self.declared_length: int | None = int(declared) if declared.isdigit() else None
@@ -78,7 +78,7 @@ class Opened:
 
     def close(self) -> None:
         try:
-            self.response.close()
+            close_response(self.response)
         finally:
             self.lease.release()  # idempotent
 

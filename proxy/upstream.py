@@ -1,20 +1,26 @@
-"""The HTTP client to backends: one pooled requests.Session, timeouts, and the one place where
-`requests` exceptions become ProxyErrors. Holds no leases and decides no swaps.
+"""The HTTP client to backends: one urllib3 PoolManager (pooled keep-alive connections to every
+backend), timeouts, and the one place where urllib3's exceptions become ProxyErrors. Holds no leases
+and decides no swaps.
+
+urllib3 directly, not requests on top of it: for one small request requests spent about a third of
+the client's CPU preparing, merging and parsing again what the proxy already knows (its settings,
+the URL, the headers), and checking its runtime type protocols (README, Performance).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
-import requests
 import urllib3
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 
-from proxy.disconnects import Cancelled, WatchedAdapter, Watcher, gone
+from proxy.disconnects import Cancelled, Watcher, WatchedHTTPSPool, WatchedPool, gone
 from proxy.errors import BackendFailed, BackendTimeout, ClientGone
 from proxy.manager import Lease
 from proxy.streaming import ChunkedDecoder
@@ -23,6 +29,25 @@ from proxy.streaming import ChunkedDecoder
 log = logging.getLogger(__name__)
 
 READ_SIZE = 16 * 1024  # a burst larger than this leaves in several writes
+POOLS = 32  # backends with pooled connections at once (the least recently used pool beyond it is closed)
+
+Response = urllib3.BaseHTTPResponse
+
+
+class Target(NamedTuple):
+    """A backend's base URL taken apart once: where to connect, and the path prefix its routes sit under."""
+
+    scheme: str
+    host: str
+    port: int | None
+    prefix: str
+
+
+@functools.lru_cache(maxsize=256)
+def target(base_url: str) -> Target:
+    """Parse a lease's base URL (http://127.0.0.1:PORT, or a remote's https://host/prefix) once per URL."""
+    url = urllib3.util.parse_url(base_url)
+    return Target(url.scheme or "http", url.host or "", url.port, (url.path or "").rstrip("/"))
 
 
 class Upstream:
@@ -30,12 +55,15 @@ class Upstream:
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int,
                  max_answer_bytes: int = 256 * 1024 * 1024) -> None:
-        self._timeouts = (connect_timeout_s, read_timeout_s)
+        self._connect_timeout_s, self._read_timeout_s = connect_timeout_s, read_timeout_s
         self.max_answer_bytes = max_answer_bytes  # the most of one answer read() holds (proxy.max_answer_mb)
-        self._http = requests.Session()
-        self._http.trust_env = False  # backends are on loopback: never through an HTTP(S)_PROXY
-        adapter = WatchedAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=0)
-        self._http.mount("http://", adapter)
+        # Never through an HTTP(S)_PROXY (urllib3 reads no environment), never a retry or a redirect of
+        # its own (the one send once more after a reset is ours), a pool per backend that grows to
+        # pool_size connections without ever blocking a request.
+        self._pools = urllib3.PoolManager(
+            num_pools=POOLS, maxsize=pool_size, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s))
+        self._pools.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
         self._watcher = Watcher()
 
     def watching(self, cancelled: Cancelled | None) -> contextlib.AbstractContextManager[None]:
@@ -43,38 +71,42 @@ class Upstream:
         return self._watcher.watching(cancelled)
 
     def post(self, lease: Lease, path: str, body: Mapping[str, Any],
-             headers: Mapping[str, str] | None = None) -> requests.Response:
+             headers: Mapping[str, str] | None = None) -> Response:
         """Send a JSON body to the leased backend; return the response with its body unread."""
         data = json.dumps(body, separators=(",", ":")).encode()
         return self._send(lease, path, data, "application/json", headers or {})
 
-    def post_raw(self, lease: Lease, path: str, body: RawBody) -> requests.Response:
+    def post_raw(self, lease: Lease, path: str, body: RawBody) -> Response:
         """Send a body as the client sent it (its bytes and Content-Type: multipart included), read
         from a file as it goes, never held whole; return the response with its body unread."""
         return self._send(lease, path, body, body.content_type, {"Content-Length": str(len(body))}, body.rewind)
 
     def _send(self, lease: Lease, path: str, data: Any, content_type: str, headers: Mapping[str, str],
-              rewind: Callable[[], bool] = lambda: True) -> requests.Response:
-        url = lease.base_url + path
+              rewind: Callable[[], bool] = lambda: True) -> Response:
+        where = target(lease.base_url)
+        pool = self._pools.connection_from_host(where.host, where.port, where.scheme)
+        headers = {"Content-Type": content_type, **lease.headers, **headers}
         try:
-            return self._post_once_more_after_a_reset(
-                lease, url, rewind,
-                data=data,
-                headers={"Content-Type": content_type, **lease.headers, **headers},
-                stream=True,
-                timeout=self._timeouts,
-            )
-        except requests.Timeout as exc:
-            raise BackendTimeout(f"{lease.model_name}: no response within {self._timeouts[1]:g}s "
+            return self._post_once_more_after_a_reset(lease, pool, where.prefix + path, data, headers, rewind)
+        except ReadTimeoutError as exc:
+            raise BackendTimeout(f"{lease.model_name}: no response within {self._read_timeout_s:g}s "
                                  "(proxy.read_timeout)") from exc
-        except requests.RequestException as exc:
+        except ConnectTimeoutError as exc:
+            if gone():
+                raise _client_gone(lease) from exc
+            if isinstance(exc, NewConnectionError):  # a refusal (urllib3 derives it from the timeout)
+                raise BackendFailed(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: "
+                                    f"{_reason(exc)}") from exc
+            raise BackendTimeout(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: no "
+                                 f"connection within {self._connect_timeout_s:g}s (proxy.connect_timeout)") from exc
+        except (HTTPError, OSError) as exc:
             if gone():
                 raise _client_gone(lease) from exc
             raise BackendFailed(f"{lease.model_name}: cannot reach the backend at {lease.base_url}: "
                                 f"{_reason(exc)}") from exc
 
-    def _post_once_more_after_a_reset(self, lease: Lease, url: str, rewind: Callable[[], bool],
-                                      **kwargs: Any) -> requests.Response:
+    def _post_once_more_after_a_reset(self, lease: Lease, pool: urllib3.HTTPConnectionPool, url: str, data: Any,
+                                      headers: Mapping[str, str], rewind: Callable[[], bool]) -> Response:
         """POST, and once more if the connection was reset before a byte of the answer arrived.
 
         A pooled keep-alive connection that the backend closed while idle fails exactly so; the
@@ -82,15 +114,22 @@ class Upstream:
         second reset, propagate.
         """
         try:
-            return self._http.post(url, **kwargs)
-        except requests.ConnectionError as exc:
+            return self._post(pool, url, data, headers)
+        except (HTTPError, OSError) as exc:
             if not _reset_before_answer(exc) or gone() or not rewind():
                 raise
             log.info("model %s: the connection to the backend was reset before any answer (%s); sending once more",
                      lease.model_name, _reason(exc))
-        return self._http.post(url, **kwargs)
+        return self._post(pool, url, data, headers)
 
-    def read(self, lease: Lease, response: requests.Response) -> bytes:
+    @staticmethod
+    def _post(pool: urllib3.HTTPConnectionPool, url: str, data: Any, headers: Mapping[str, str]) -> Response:
+        # The body stays unread (preload_content=False) and the connection with it until it is read
+        # to its end (then urllib3 pools it again) or closed.
+        return pool.urlopen("POST", url, body=data, headers=headers, redirect=False, assert_same_host=False,
+                            preload_content=False, decode_content=False)
+
+    def read(self, lease: Lease, response: Response) -> bytes:
         """Return a whole response body; the connection goes back to the pool.
 
         Holds at most max_answer_bytes: a larger answer is a BackendFailed (502) naming the limit,
@@ -102,23 +141,23 @@ class Upstream:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise self._too_large(lease)
             parts, size = [], 0
-            for part in response.iter_content(chunk_size=READ_SIZE * 4):
+            for part in response.stream(READ_SIZE * 4, decode_content=True):
                 size += len(part)
                 if size > limit:
                     raise self._too_large(lease)
                 parts.append(part)
             return b"".join(parts)
-        except requests.RequestException as exc:
+        except (HTTPError, OSError, ValueError) as exc:
             raise self._broken(lease, exc) from exc
         finally:
-            response.close()
+            close_response(response)
 
     def _too_large(self, lease: Lease) -> BackendFailed:
         return BackendFailed(f"{lease.model_name}: the backend's answer is larger than "
                              f"{self.max_answer_bytes / 1048576:g} MiB, the most the proxy holds to translate "
                              "one answer (proxy.max_answer_mb)")
 
-    def iter_body(self, lease: Lease, response: requests.Response) -> Iterator[bytes]:
+    def iter_body(self, lease: Lease, response: Response) -> Iterator[bytes]:
         """Yield the body as the backend sends it: whatever has arrived, at once; raise ProxyError if it breaks.
 
         For a chunked body (every streaming backend's) the socket is read directly and de-chunked
@@ -129,7 +168,7 @@ class Upstream:
         reader = chunked_socket_reader(response)
         try:
             if reader is None:  # a sized or close-delimited body: whatever has arrived, at most READ_SIZE
-                while data := response.raw.read1(READ_SIZE):
+                while data := response.read1(READ_SIZE, decode_content=False):
                     yield data
                 return
             decoder = ChunkedDecoder()
@@ -142,26 +181,33 @@ class Upstream:
                     yield payload
             if not decoder.leftover:
                 give_back_connection(response)  # the next stream to this backend needs no new connection
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (HTTPError, OSError, ValueError) as exc:
             raise self._broken(lease, exc) from exc
 
     def _broken(self, lease: Lease, exc: Exception) -> BackendFailed | BackendTimeout | ClientGone:
         if gone():
             return _client_gone(lease)
         if isinstance(exc, TimeoutError | urllib3.exceptions.TimeoutError) or "timed out" in str(exc).lower():
-            return BackendTimeout(f"{lease.model_name}: the backend sent nothing for {self._timeouts[1]:g}s "
+            return BackendTimeout(f"{lease.model_name}: the backend sent nothing for {self._read_timeout_s:g}s "
                                   "(proxy.read_timeout)")
         return BackendFailed(f"{lease.model_name}: the backend broke off its answer ({_reason(exc)}); "
                              "it may have crashed; see /status")
 
     def close(self) -> None:
-        self._http.close()
+        self._pools.clear()
+
+
+def close_response(response: Response) -> None:
+    """End a response: a body read to its end has given its connection back to the pool already
+    (urllib3 does that at the end); one left unread closes its connection, which is never reused."""
+    response.close()
+    response.release_conn()
 
 
 class RawBody:
     """A request body forwarded as the client sent it: a file read in pieces, its size and Content-Type.
 
-    requests sends an object with read() and len() as a sized body, READ_SIZE bytes at a time.
+    urllib3 sends an object with read() a block at a time; its size goes ahead in Content-Length.
     """
 
     def __init__(self, source: IO[bytes], size: int, content_type: str) -> None:
@@ -183,7 +229,7 @@ class RawBody:
         return True
 
 
-def chunked_socket_reader(response: requests.Response) -> Any:
+def chunked_socket_reader(response: Response) -> Any:
     """Return the buffered socket reader under a chunked response, or None to read it the usual way.
 
     Neither urllib3 nor http.client offers a supported way to take whatever bytes of a chunked body
@@ -191,11 +237,10 @@ def chunked_socket_reader(response: requests.Response) -> Any:
     urllib3's `_fp` (the http.client response) and its `fp`. It is the only place that does, and
     tests/test_upstream.py fails if either library changes them, instead of falling back silently.
     Reading the socket bypasses http.client's own chunk state: once the whole body has been read,
-    give_back_connection() hands the connection back to the pool; otherwise Response.close() closes
-    it (urllib3 closes a connection whose response it did not finish).
+    give_back_connection() hands the connection back to the pool; otherwise close() closes it
+    (urllib3 closes a connection whose response it did not finish).
     """
-    raw = response.raw
-    http_response = getattr(raw, "_fp", None)  # urllib3 2.x: the http.client response
+    http_response = getattr(response, "_fp", None)  # urllib3 2.x: the http.client response
     reader = getattr(http_response, "fp", None)
     if not getattr(http_response, "chunked", False) or not hasattr(reader, "read1"):
         return None
@@ -204,19 +249,18 @@ def chunked_socket_reader(response: requests.Response) -> Any:
     return reader
 
 
-def give_back_connection(response: requests.Response) -> None:
+def give_back_connection(response: Response) -> None:
     """After chunked_socket_reader's socket gave the whole body (through its last chunk): mark the
     http.client response done (its public close() drops its file object; the socket stays with its
     connection, as after any body it read itself) and release the connection to urllib3's pool.
 
     Not when the backend said it closes the connection (http.client's will_close).
     """
-    raw = response.raw
-    http_response = getattr(raw, "_fp", None)
+    http_response = getattr(response, "_fp", None)
     if http_response is None or getattr(http_response, "will_close", True):
         return
     http_response.close()
-    raw.release_conn()
+    response.release_conn()
 
 
 def _client_gone(lease: Lease) -> ClientGone:
@@ -224,12 +268,12 @@ def _client_gone(lease: Lease) -> ClientGone:
 
 
 def _reset_before_answer(exc: BaseException) -> bool:
-    """Say whether a requests error is a connection reset or closed before any byte of an answer.
+    """Say whether a urllib3 error is a connection reset or closed before any byte of an answer.
 
     http.client raises RemoteDisconnected when the status line gets no byte at all, and a reset
-    or a broken pipe while sending means the request never arrived; urllib3 and requests wrap
-    them (ProtocolError, then ConnectionError). A refused connection is not one: retrying it is
-    pointless. A reset after the answer began happens later, in read() or iter_body().
+    or a broken pipe while sending means the request never arrived; urllib3 wraps them in a
+    ProtocolError. A refused connection is not one: retrying it is pointless. A reset after the
+    answer began happens later, in read() or iter_body().
     """
     seen: set[int] = set()
     pending: list[BaseException] = [exc]

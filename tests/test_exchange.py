@@ -25,13 +25,16 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 class ScriptedResponse:
     def __init__(self, status: int, content_type: str, pieces: list[bytes]) -> None:
-        self.status_code = status
+        self.status = status
         self.headers = {"Content-Type": content_type}
         self.pieces = pieces
         self.closed = False
 
     def close(self) -> None:
         self.closed = True
+
+    def release_conn(self) -> None:
+        pass
 
 
 class ScriptedUpstream:

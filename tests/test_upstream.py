@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import requests
+import urllib3
 
 from proxy.streaming import ChunkedDecoder
-from proxy.upstream import chunked_socket_reader, give_back_connection
+from proxy.upstream import chunked_socket_reader, close_response, give_back_connection
 
 EVENTS = [b"data: %d\n\n" % number for number in range(50)]
 
@@ -51,8 +51,12 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
+def _get(pools: urllib3.PoolManager, url: str) -> urllib3.BaseHTTPResponse:
+    return pools.request("GET", url, preload_content=False, timeout=5, retries=False)
+
+
 def test_the_socket_under_a_chunked_response_is_reachable_and_decodes(server: str) -> None:
-    with requests.get(server + "/chunked", stream=True, timeout=5) as response:
+    with _get(urllib3.PoolManager(), server + "/chunked") as response:
         reader = chunked_socket_reader(response)
         assert reader is not None, "urllib3/http.client changed: chunked_socket_reader finds no socket reader"
         decoder, payload = ChunkedDecoder(), b""
@@ -62,16 +66,16 @@ def test_the_socket_under_a_chunked_response_is_reachable_and_decodes(server: st
 
 
 def test_a_sized_response_is_read_the_usual_way(server: str) -> None:
-    with requests.get(server + "/sized", stream=True, timeout=5) as response:
+    with _get(urllib3.PoolManager(), server + "/sized") as response:
         assert chunked_socket_reader(response) is None
-        assert response.raw.read1(1 << 20)[:8] == b"data: 0\n"
+        assert response.read1(1 << 20)[:8] == b"data: 0\n"
 
 
 def test_a_stream_read_to_its_end_gives_its_connection_back_to_the_pool(server: str) -> None:
-    session = requests.Session()
+    pools = urllib3.PoolManager()
     _Chunked.connections.clear()
     for _ in range(5):
-        response = session.get(server + "/chunked", stream=True, timeout=5)
+        response = _get(pools, server + "/chunked")
         reader = chunked_socket_reader(response)
         assert reader is not None
         decoder, payload = ChunkedDecoder(), b""
@@ -79,19 +83,19 @@ def test_a_stream_read_to_its_end_gives_its_connection_back_to_the_pool(server: 
             payload += decoder.feed(reader.read1(16384))
         assert payload == b"".join(EVENTS) and not decoder.leftover
         give_back_connection(response)
-        response.close()  # what the relay does at the end: harmless once given back
+        close_response(response)  # what the relay does at the end: harmless once given back
     assert len(_Chunked.connections) == 1  # five streams, one connection
-    session.close()
+    pools.clear()
 
 
 def test_a_stream_cut_short_does_not_give_its_connection_back(server: str) -> None:
-    session = requests.Session()
+    pools = urllib3.PoolManager()
     _Chunked.connections.clear()
     for _ in range(2):
-        response = session.get(server + "/chunked", stream=True, timeout=5)
+        response = _get(pools, server + "/chunked")
         reader = chunked_socket_reader(response)
         assert reader is not None
         reader.read1(10)  # the client left after the first bytes
-        response.close()
+        close_response(response)
     assert len(_Chunked.connections) == 2  # a half-read connection is closed, never reused
-    session.close()
+    pools.clear()
