@@ -61,6 +61,8 @@ class BackendProcess:
         self._output_done = threading.Event()  # the drainer has read the last byte
         self._stopping = threading.Event()     # stop() was called: it, not the watcher, ends the session
         self._stopped = threading.Event()
+        self._reaped = threading.Event()       # the watcher reaped the leader (set only once it watches)
+        self._watched = False
         self._stop_grace_s = 0.0
         self._output_log = logging.getLogger(f"proxy.backend.{name}")
 
@@ -116,9 +118,10 @@ class BackendProcess:
                 raise BackendTimeout(
                     f"{self.name}: the backend was not ready within {timeout_s:g}s (startup_timeout); "
                     f"{SEE_OUTPUT}", detail=f"last output:\n{self.tail()}")
-            # Quick polls while a small model may be about to answer, gentler ones for long loads.
+            # Quick polls while a small model may be about to answer (a refused connection costs
+            # microseconds; each poll of the first second is at most 2 ms late), gentler ones for long loads.
             elapsed = time.monotonic() - started
-            interval = 0.01 if elapsed < 5 else 0.05 if elapsed < 30 else 0.25
+            interval = 0.002 if elapsed < 1 else 0.01 if elapsed < 5 else 0.05 if elapsed < 30 else 0.25
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
     @property
@@ -183,30 +186,40 @@ class BackendProcess:
     def _signal_session(self, signum: int) -> None:
         """Signal the process group, and any other group in the session (start_new_session: the
         leader's PID is both ids). While a member lives, no other process can hold these ids."""
+        if self._popen.returncode is None:  # first, before the scan of /proc below: a stop starts at once
+            _killpg(self._popen.pid, signum)
         members = self._session()
-        if self._popen.returncode is None or members:
-            try:
-                os.killpg(self._popen.pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass  # the group is gone (its leader moved the rest elsewhere): success
+        if self._popen.returncode is not None and members:
+            _killpg(self._popen.pid, signum)
         signal_processes([member for member in members if member.pgid != self.pid], signum)
 
     def _wait_gone(self, timeout_s: float) -> bool:
-        """Wait until the leader is reaped and its session is empty; return whether that happened in time."""
+        """Wait until the leader is reaped and its session is empty; return whether that happened in time.
+
+        With the exit watcher running, its reap wakes this at once: Popen.wait(timeout) beside the
+        watcher's blocking wait could only poll (up to 50 ms late), as the watcher holds the reap lock.
+        """
         deadline = time.monotonic() + timeout_s
-        try:
-            self._popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return False
-        while self._session():
+        if self._watched:
+            if not self._reaped.wait(timeout_s):
+                return False
+        else:
+            try:
+                self._popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                return False
+        pause = 0.002
+        while self._session():  # what the leader started may take a moment longer
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
         return True
 
     def start_threads(self, on_exit: ExitCallback, registry: ChildRegistry | None) -> None:
         """Start draining the child's output and watching for its exit (spawn() calls it once)."""
         threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True).start()
+        self._watched = True
         threading.Thread(target=self._watch, args=(on_exit, registry), name=f"watch-{self.name}", daemon=True).start()
 
     def _drain(self) -> None:
@@ -264,7 +277,10 @@ class BackendProcess:
     def _watch(self, on_exit: ExitCallback, registry: ChildRegistry | None) -> None:
         """Wait for the leader's exit; end what it left in its session; then drop it from the registry
         and report the exit."""
-        returncode = self._popen.wait()
+        try:
+            returncode = self._popen.wait()
+        finally:
+            self._reaped.set()
         if self._stopping.is_set():
             self._stopped.wait(self._stop_grace_s + 2 * KILL_WAIT_S)  # stop() is ending the session
         elif self._session():
@@ -284,6 +300,13 @@ class BackendProcess:
             on_exit(self, returncode)
         except Exception:
             log.exception("model %s: error in exit handler", self.name)
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone (its leader moved the rest elsewhere): success
 
 
 def spawn(name: str, plan: LaunchPlan, *, log_dir: Path, on_exit: ExitCallback,
