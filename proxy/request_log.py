@@ -30,6 +30,7 @@ PRUNE_EVERY_S = 3600.0     # retention runs at start-up and then about hourly
 RETRY_S = (0.5, 60.0)      # after a failed write: the first wait, doubling up to the longest
 WARN_EVERY_S = 60.0        # a failing database is warned about at most this often
 CLOSE_TIMEOUT_S = 5.0      # close() writes what is queued for at most this long
+LINGER_S = 0.1             # after a write the writer gathers rows this long: one transaction per 0.1 s, not per request
 SQLITE_FILE = "requests.sqlite3"
 GROUPINGS = ("key", "model", "day")
 _WAKE = object()           # put by close() so the writer notices at once
@@ -39,7 +40,8 @@ Clock = Callable[[], float]
 
 class RequestLog:
     """Rows of `RequestRecord`s in a Store. request_done never blocks and never raises; the writer
-    thread batches whatever is queued into one transaction, retries a failing store with backoff and
+    thread batches what is queued into one transaction (at most one per LINGER_S, so rows show
+    within about 0.1 s and a busy proxy writes ten transactions a second, not one per request), retries a failing store with backoff and
     deletes rows older than `keep_days`. Reads (`recent`, `usage`) run on the caller's thread.
 
     With write=False it only reads (the CLI): no thread, and request_done drops what it is given.
@@ -47,11 +49,12 @@ class RequestLog:
 
     def __init__(self, store: Store, *, keep_days: float, write: bool = True, queue_rows: int = QUEUE_ROWS,
                  prune_every_s: float = PRUNE_EVERY_S, retry_s: tuple[float, float] = RETRY_S,
-                 clock: Clock = time.time) -> None:
+                 linger_s: float = LINGER_S, clock: Clock = time.time) -> None:
         self.store = store
         self._keep_s = keep_days * 86400.0
         self._prune_every_s = prune_every_s
         self._retry_s = retry_s
+        self._linger_s = linger_s
         self._clock = clock  # wall clock: rows carry epoch seconds
         self._batch_max = queue_rows  # what one transaction takes at most, so a long outage holds bounded rows
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_rows)
@@ -210,6 +213,7 @@ class RequestLog:
                 if pending:
                     self._settle(len(pending), written=True)
                     pending = []
+                    self._stop.wait(self._linger_s)  # close() cuts it short, to write the rest at once
             if stopping and not pending and self._queue.empty():
                 break
         if writer is not None:
