@@ -263,7 +263,7 @@ def relay_answer(opened: Opened, transform: StreamTransform | None, error_event:
         report(opened.lease, error)
         return error_event(error)
 
-    body = relay(chunks, opened.response.close, opened.lease, noted)
+    body = relay(chunks, lambda: close_response(opened.response), opened.lease, noted)
     return Response(body, status=opened.status, content_type=content_type, headers=dict(headers or {}))
 
 
