@@ -14,6 +14,9 @@ import functools
 import http.client
 import json
 import logging
+import socket
+import struct
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, NamedTuple
 
@@ -172,13 +175,17 @@ class Upstream:
                     yield data
                 return
             decoder = ChunkedDecoder()
-            while not decoder.done:
-                data = reader.read1(READ_SIZE)
-                if not data:
-                    raise ConnectionResetError("the backend closed the connection in the middle of the body")
-                payload = decoder.feed(data)
-                if payload:
-                    yield payload
+            with kernel_read_timeout(response, self._read_timeout_s):
+                while not decoder.done:
+                    asked = time.monotonic()
+                    data = reader.read1(READ_SIZE)
+                    if not data:
+                        if time.monotonic() - asked >= self._read_timeout_s * 0.99:  # the kernel's timeout
+                            raise TimeoutError("the backend sent nothing for the read timeout")
+                        raise ConnectionResetError("the backend closed the connection in the middle of the body")
+                    payload = decoder.feed(data)
+                    if payload:
+                        yield payload
             if not decoder.leftover:
                 give_back_connection(response)  # the next stream to this backend needs no new connection
         except (HTTPError, OSError, ValueError) as exc:
@@ -247,6 +254,34 @@ def chunked_socket_reader(response: Response) -> Any:
     if getattr(http_response, "chunk_left", None) is not None:
         return None  # http.client started reading chunks already: keep to its path
     return reader
+
+
+@contextlib.contextmanager
+def kernel_read_timeout(response: Response, timeout_s: float) -> Iterator[None]:
+    """Inside the block, the response's socket blocks in recv() with the read timeout kept by the kernel
+    (SO_RCVTIMEO) instead of Python's: a socket with a Python timeout polls before every recv, one more
+    system call and one more hand-over of the GIL for every token of every stream. The kernel's
+    timeout reads as an empty read (EAGAIN: no data), which the caller tells from an end of data by
+    the time it waited. The socket's own timeout comes back at the end, for the connection's next request.
+    """
+    connection = response.connection
+    sock = getattr(connection, "sock", None)
+    if sock is None or timeout_s <= 0:
+        yield
+        return
+    previous = sock.gettimeout()
+    seconds = int(timeout_s)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("@ll", seconds, int((timeout_s - seconds) * 1_000_000)))
+    sock.settimeout(None)
+    try:
+        yield
+    finally:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 0))
+            sock.settimeout(previous)
+        except OSError:
+            pass  # closed meanwhile (the client left and the watcher cut it): it is never reused
 
 
 def give_back_connection(response: Response) -> None:

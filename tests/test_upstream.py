@@ -5,6 +5,8 @@ otherwise fall back, silently, to one write per HTTP chunk).
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +16,7 @@ import pytest
 import urllib3
 
 from proxy.streaming import ChunkedDecoder
-from proxy.upstream import chunked_socket_reader, close_response, give_back_connection
+from proxy.upstream import chunked_socket_reader, close_response, give_back_connection, kernel_read_timeout
 
 EVENTS = [b"data: %d\n\n" % number for number in range(50)]
 
@@ -103,4 +105,21 @@ def test_a_stream_cut_short_does_not_give_its_connection_back(server: str) -> No
         reader.read1(10)  # the client left after the first bytes
         close_response(response)
     assert len(_Chunked.connections) == 2  # a half-read connection is closed, never reused
+    pools.clear()
+
+
+def test_a_kernel_read_timeout_gives_the_socket_its_own_timeout_back(server: str) -> None:
+    pools = urllib3.PoolManager()
+    response = pools.request("GET", server + "/chunked", preload_content=False, timeout=7, retries=False)
+    sock = response.connection.sock
+    assert sock.gettimeout() == 7
+    with kernel_read_timeout(response, 2.5):
+        assert sock.gettimeout() is None  # blocking: the kernel keeps the timeout, no poll before each recv
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == struct.pack("@ll", 2, 500_000)
+        reader = chunked_socket_reader(response)
+        decoder = ChunkedDecoder()
+        while not decoder.done:
+            decoder.feed(reader.read1(16384))
+    assert sock.gettimeout() == 7 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == bytes(16)
+    give_back_connection(response)
     pools.clear()
