@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.client import Connection, run_streams
 from bench.report import Metric
-from bench.sampling import RssSampler, rss_mb
+from bench.sampling import CpuMeter, RssSampler, rss_mb
 from bench.stack import PROXY_THREADS, SWAP_A, WIDE_PROXY_THREADS, ProxyUnderTest
 from bench.stats import Summary, summarize
 
@@ -29,6 +29,8 @@ class Concurrency:
     begun: dict[str, list[float]] = field(default_factory=lambda: {"direct": [], "proxy": []})
     rss_peaks_mb: list[float] = field(default_factory=list)
     threads_peak: int = 0
+    proxy_cpu_s: float = 0.0      # the proxy's CPU over its rounds (opening the streams included)
+    proxy_events: int = 0         # the events it relayed in them
 
     @property
     def ratio(self) -> float:
@@ -39,12 +41,14 @@ def run_concurrent(direct_port: int, proxy_port: int, proxy_pid: int, body: dict
                    runs: int, expected_events: int) -> Concurrency:
     """Run `runs` rounds of `streams` identical streams on each side; sample the proxy's RSS on its rounds."""
     result = Concurrency(streams)
+    cpu = CpuMeter(proxy_pid)
     for _ in range(runs):
         for side, port in (("direct", direct_port), ("proxy", proxy_port)):
             if side == "proxy":
-                with RssSampler(proxy_pid) as sampler:
+                with RssSampler(proxy_pid) as sampler, cpu.counting():
                     replies = run_streams(port, CHAT, [body] * streams)
                 result.rss_peaks_mb.append(sampler.peak_mb)
+                result.proxy_events += sum(reply.events for reply in replies)
                 result.threads_peak = max(result.threads_peak, sampler.threads_peak)
             else:
                 replies = run_streams(port, CHAT, [body] * streams)
@@ -56,7 +60,20 @@ def run_concurrent(direct_port: int, proxy_port: int, proxy_pid: int, body: dict
             first_tokens = [reply.started + reply.ttft_s for reply in replies if reply.ttft_s is not None]
             if first_tokens:  # how long until every stream had begun: the ramp-up, not the relay
                 result.begun[side].append(max(first_tokens) - min(reply.started for reply in replies))
+    result.proxy_cpu_s = cpu.total_s
     return result
+
+
+def paced_cpu_metric(key: str, title: str, result: Concurrency) -> Metric:
+    """The proxy's CPU per relayed event of paced streams: each token is one read and one write."""
+    per_event_us = result.proxy_cpu_s / max(result.proxy_events, 1) * 1e6
+    metric = Metric(key, title, "µs", "report", proxy=summarize([per_event_us]), value=per_event_us,
+                    value_label="CPU µs / event")
+    metric.details = {"cpu_s": result.proxy_cpu_s, "events": result.proxy_events}
+    metric.note = (f"{result.proxy_cpu_s:.2f} s of proxy CPU for {result.proxy_events:,} events, opening the "
+                   f"{result.streams} streams of each round included: at this cost one core relays about "
+                   f"{1e6 / per_event_us:,.0f} paced events/s")
+    return metric
 
 
 def concurrency_metric(key: str, title: str, target: str, result: Concurrency, *, min_ratio: float = 0.9) -> Metric:
@@ -104,4 +121,5 @@ def measure_wide(wide: ProxyUnderTest, *, streams: int, chunks: int, rate: float
                       "threads_peak": result.threads_peak}
     memory.note = (f"RSS peak {peak:.1f} MB against {idle_mb:.1f} MB idle after warm-up (with {WIDE_PROXY_THREADS} "
                    f"threads; the main proxy, {PROXY_THREADS} threads, idles at {main_idle_mb:.1f} MB)")
-    return [metric, memory]
+    return [metric, memory, paced_cpu_metric("P8.cpu", f"proxy CPU per relayed event of the {streams} paced streams",
+                                             result)]

@@ -13,7 +13,8 @@ Measurements (targets in TARGETS):
   P4   cold-load overhead: first token on a stopped model through the proxy minus the backend's own
        start (spawned by us, polled until /health is 200) plus its first answer; synthetic and SmolLM2
   P5   64 concurrent streams: errors and the aggregate rate, proxied / direct
-  P8   256 concurrent streams (a proxy with 320 threads): errors, rate ratio, RSS per open stream
+  P8   256 concurrent streams (a proxy with 320 threads): errors, rate ratio, RSS per open stream;
+       P5.cpu and P8.cpu: the proxy's CPU per relayed event of those paced streams
   CONN connections opened by N sequential streamed requests from one keep-alive client, OpenAI SSE
        and Ollama NDJSON: client to proxy (CONN) and proxy to backend (CONN.backend)
   SWAP synthetic A -> B swap (max_loaded_models 1), A's last byte to B's first, minus B's own start
@@ -49,7 +50,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]  # no stubs in requirements-dev.txt
 
 from bench.client import Connection, StreamReply
-from bench.concurrency import concurrency_metric, measure_wide, run_concurrent
+from bench.concurrency import concurrency_metric, measure_wide, paced_cpu_metric, run_concurrent
 from bench.connections import measure_connections
 from bench.floor import measure_floor
 from bench.procs import Processes, free_port, process_exited, wait_http_ok
@@ -390,7 +391,9 @@ class Bench:
                                 runs=settings.p5_runs, expected_events=settings.p5_chunks + 3)
         self.rss_load_mb = max(result.rss_peaks_mb)
         return [concurrency_metric("P5", f"{settings.p5_streams} concurrent streams ({settings.p5_chunks} chunks at "
-                                   f"{settings.p5_rate:g}/s each), aggregate rate", TARGETS["P5"], result)]
+                                   f"{settings.p5_rate:g}/s each), aggregate rate", TARGETS["P5"], result),
+                paced_cpu_metric("P5.cpu", f"proxy CPU per relayed event of the {settings.p5_streams} paced streams",
+                                 result)]
 
     def p7_memory_cpu(self) -> list[Metric]:
         idle = Metric("P7", "proxy RSS idle (after warm-up)", "MB", TARGETS["P7"],
