@@ -27,7 +27,7 @@ from bench.procs import Processes, free_port, wait_http_ok
 from bench.report import Metric
 from bench.sampling import CpuMeter
 from bench.stack import ROOT
-from bench.stats import summarize
+from bench.stats import Summary, summarize
 
 CHAT = "/v1/chat/completions"
 MODES = ("wsgi", "flask")
@@ -90,6 +90,10 @@ class _Side:
     ttft: list[float]
 
 
+def _ms(seconds: list[float]) -> Summary:
+    return summarize(seconds).scaled(1000.0)
+
+
 def _alive(popen: subprocess.Popen[bytes]) -> bool:
     return popen.poll() is None
 
@@ -137,10 +141,11 @@ def measure_floor(processes: Processes, backend_port: int, proxy_port: int, prox
     for mode in MODES:
         side = by_name[mode]
         what = "waitress + urllib3, one WSGI function" if mode == "wsgi" else "Flask on waitress + urllib3"
-        for key, kind, values in (("P1", "small non-stream request", "latency"), ("P3", "first token (50 tokens/s)",
-                                                                                     "ttft")):
-            floor, base = summarize(getattr(side, values)).scaled(1000.0), summarize(getattr(direct, values)).scaled(1000.0)
-            ours = summarize(getattr(proxy, values)).scaled(1000.0)
+        rate = stream.get("x_token_rate")
+        rows = (("P1", "small non-stream request", "latency"),
+                ("P3", f"first token ({rate:g} tokens/s)" if rate else "first token", "ttft"))
+        for key, kind, values in rows:
+            floor, base, ours = (_ms(getattr(one, values)) for one in (side, direct, proxy))
             metric = Metric(f"FLOOR.{key}.{mode}", f"the stack alone ({what}, no proxy logic), added {kind}",
                             "ms", "report", direct=base, proxy=floor, value=floor.median - base.median,
                             value_label="added p50", passed=None)
@@ -149,7 +154,8 @@ def measure_floor(processes: Processes, backend_port: int, proxy_port: int, prox
             metric.note = (f"the proxy, measured in the same loop, adds {ours.median - base.median:.2f} ms: "
                            f"{ours.median - floor.median:.2f} ms above this floor")
             if key == "P1":
-                metric.details |= {"floor_cpu_ms_per_request": cpu_ms[mode], "proxy_cpu_ms_per_request": cpu_ms["proxy"]}
+                metric.details |= {"floor_cpu_ms_per_request": cpu_ms[mode],
+                                   "proxy_cpu_ms_per_request": cpu_ms["proxy"]}
                 metric.note += (f"; CPU per request over the loop: this floor {cpu_ms[mode]:.2f} ms, "
                                 f"the proxy {cpu_ms['proxy']:.2f} ms")
             metrics.append(metric)

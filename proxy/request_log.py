@@ -40,9 +40,10 @@ Clock = Callable[[], float]
 
 class RequestLog:
     """Rows of `RequestRecord`s in a Store. request_done never blocks and never raises; the writer
-    thread batches what is queued into one transaction (at most one per LINGER_S, so rows show
-    within about 0.1 s and a busy proxy writes ten transactions a second, not one per request), retries a failing store with backoff and
-    deletes rows older than `keep_days`. Reads (`recent`, `usage`) run on the caller's thread.
+    thread batches what is queued into one transaction (at most one per LINGER_S: rows show within
+    about 0.1 s, and a busy proxy writes ten transactions a second, not one per request), retries a
+    failing store with backoff and deletes rows older than `keep_days`. Reads (`recent`, `usage`)
+    run on the caller's thread.
 
     With write=False it only reads (the CLI): no thread, and request_done drops what it is given.
     """
