@@ -15,11 +15,13 @@ import http.client
 import json
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, NamedTuple
 
+import requests.utils
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 
@@ -57,15 +59,17 @@ class Upstream:
     """Requests to backends over one connection pool; every failure comes out as a ProxyError."""
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, pool_size: int,
-                 max_answer_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_answer_bytes: int = 256 * 1024 * 1024, ca_certs: str | None = None) -> None:
         self._connect_timeout_s, self._read_timeout_s = connect_timeout_s, read_timeout_s
         self.max_answer_bytes = max_answer_bytes  # the most of one answer read() holds (proxy.max_answer_mb)
         # Never through an HTTP(S)_PROXY (urllib3 reads no environment), never a retry or a redirect of
         # its own (the one send once more after a reset is ours), a pool per backend that grows to
-        # pool_size connections without ever blocking a request.
+        # pool_size connections without ever blocking a request. A remote over HTTPS is verified
+        # against the CA bundle the proxy's other clients use (requests': the remote probe, peers).
         self._pools = urllib3.PoolManager(
             num_pools=POOLS, maxsize=pool_size, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s))
+            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
+            ca_certs=ca_certs or requests.utils.DEFAULT_CA_BUNDLE_PATH)
         self._pools.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
         self._watcher = Watcher()
 
@@ -266,8 +270,8 @@ def kernel_read_timeout(response: Response, timeout_s: float) -> Iterator[None]:
     """
     connection = response.connection
     sock = getattr(connection, "sock", None)
-    if sock is None or timeout_s <= 0:
-        yield
+    if sock is None or timeout_s <= 0 or isinstance(sock, ssl.SSLSocket):
+        yield  # TLS (a remote): its blocking read would end in SSLWantReadError; Python's timeout stays
         return
     previous = sock.gettimeout()
     seconds = int(timeout_s)

@@ -25,6 +25,7 @@ Opt-in flags for the Ollama routes (each off by default):
                      whether the proxy's connection was gone by the time it was ready ("abandoned")
   --echo-uploads     the pass-through routes (rerank, audio, images, token) answer what arrived:
                      path, size, Content-Type and SHA-256 of the body
+  --tls CERT KEY     serve HTTPS with this certificate chain and key (PEM files)
 
 Fake VRAM (with FAKE_NVML_DIR set: the fake GPUs of tests/fake_nvml; ignored without it):
   --vram SPEC        after --startup-delay, before serving, take this much memory: "2GiB" on the
@@ -42,6 +43,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--echo-uploads", action="store_true")
     p.add_argument("--vram", type=parse_vram, default=None)
     p.add_argument("--vram-release-s", type=float, default=0.0)
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), default=None)
     return p.parse_args(argv)
 
 
@@ -436,6 +439,10 @@ def main(argv=None):
         sys.exit(3)
 
     server = Server(("127.0.0.1", ARGS.port), Handler)
+    if ARGS.tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*ARGS.tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print(f"listening 127.0.0.1:{ARGS.port}", flush=True)
     try:
         server.serve_forever()

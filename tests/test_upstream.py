@@ -5,18 +5,28 @@ otherwise fall back, silently, to one write per HTTP chunk).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import urllib3
 
+from proxy.errors import BackendFailed
 from proxy.streaming import ChunkedDecoder
-from proxy.upstream import chunked_socket_reader, close_response, give_back_connection, kernel_read_timeout
+from proxy.upstream import (Upstream, chunked_socket_reader, close_response, give_back_connection,
+                            kernel_read_timeout)
+from tests.conftest import FAKE_BACKEND, free_port, wait_until
 
 EVENTS = [b"data: %d\n\n" % number for number in range(50)]
 
@@ -123,3 +133,58 @@ def test_a_kernel_read_timeout_gives_the_socket_its_own_timeout_back(server: str
     assert sock.gettimeout() == 7 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == bytes(16)
     give_back_connection(response)
     pools.clear()
+
+
+@pytest.fixture
+def tls_backend(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The fake backend over HTTPS with a self-signed certificate for 127.0.0.1: (its URL, the certificate)."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is needed to make the test certificate (Debian: openssl)")
+        pytest.skip("openssl is not installed: no test certificate for the HTTPS backend")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(FAKE_BACKEND), "--port", str(port), "--model", "far", "--tokens", "3",
+                               "--tls", str(cert), str(key)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        pools = urllib3.PoolManager(ca_certs=str(cert), retries=False)
+
+        def up() -> bool:
+            try:
+                return pools.request("GET", url + "/health", timeout=1).status == 200
+            except urllib3.exceptions.HTTPError:
+                return False
+        wait_until(up, 30, "the HTTPS fake backend")
+        yield url, str(cert)
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_a_remote_over_https_is_verified_then_streams_and_reuses_its_connection(
+        tls_backend: tuple[str, str]) -> None:
+    url, cert = tls_backend
+    lease = SimpleNamespace(base_url=url, headers={}, model_name="far")
+    upstream = Upstream(connect_timeout_s=5, read_timeout_s=30, pool_size=4, ca_certs=cert)
+    body = {"model": "far", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    try:
+        for _ in range(2):  # the second stream goes over the pooled TLS connection of the first
+            response = upstream.post(lease, "/v1/chat/completions", body)  # type: ignore[arg-type]
+            assert response.status == 200
+            streamed = b"".join(upstream.iter_body(lease, response))  # type: ignore[arg-type]
+            close_response(response)
+            assert streamed.count(b"data: ") >= 4 and streamed.rstrip().endswith(b"data: [DONE]")
+        answer = upstream.post(lease, "/v1/chat/completions", {**body, "stream": False})  # type: ignore[arg-type]
+        assert json.loads(upstream.read(lease, answer))["object"] == "chat.completion"  # type: ignore[arg-type]
+        port = int(url.rsplit(":", 1)[1])
+        assert upstream._pools.connection_from_host("127.0.0.1", port, "https").num_connections == 1
+    finally:
+        upstream.close()
+    untrusting = Upstream(connect_timeout_s=5, read_timeout_s=30, pool_size=4)  # the default bundle: not ours
+    with pytest.raises(BackendFailed, match="cannot reach the backend at https://127.0.0.1.*CERTIFICATE_VERIFY_FAILED"):
+        untrusting.post(lease, "/v1/chat/completions", body)  # type: ignore[arg-type]
+    untrusting.close()
