@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 bench.run_smollm2()
             if not settings.tabby:
-                notes.append("TABBY.swap skipped (quick mode: it takes about two minutes; --tabby to include it)")
+                notes.append("TABBY.swap skipped (quick mode: it takes about 40 s; --tabby to include it)")
             else:
                 tabby_dir, why = tabby_testbed()
                 if tabby_dir is None:
