@@ -84,7 +84,10 @@ class ModelManager:
             runtime = self._runtime(name)
             if self._closed or self._draining:
                 raise ModelBusy("the proxy is shutting down", retry_after_s=10)
-            if self._grants_at_once(runtime) and not (cancelled is not None and cancelled()):
+            # Nobody waits: the policy's answer for this one model (a grant, in the common case)
+            # without a snapshot of every model.
+            if (not self._queue and scheduling.grants_at_once(runtime.view(NOTHING), self._config.proxy.max_concurrent)
+                    and not (cancelled is not None and cancelled())):
                 return self._grant(runtime, ticket)
             if len(self._queue) >= self._config.proxy.max_queue:
                 raise ModelBusy(f"server busy, please try again: {len(self._queue)} requests are waiting "
@@ -106,18 +109,6 @@ class ModelManager:
             with self._cond:
                 self._queue.remove(ticket)
                 self._cond.notify_all()
-
-    def _grants_at_once(self, runtime: ModelRecord) -> bool:
-        """Under the lock: say whether a request may take a lease without queueing, the common case.
-
-        With nobody queued, what the policy decides for a ready model's first ticket is a Grant unless
-        the model drains for an unload or has proxy.max_concurrent leases (no ticket is at the head to
-        make it a swap's victim); this says the same without building the policy's snapshot.
-        """
-        if self._queue or runtime.state is not State.READY or runtime.unloads_pending:
-            return False
-        limit = self._config.proxy.max_concurrent
-        return not (limit and runtime.leases >= limit)
 
     def _next_step(self, ticket: Ticket, deadline: float, wait_s: float) -> Lease | Callable[[], None]:
         """Under the lock: grant a lease, claim a transition to run, or wait. Raises on failure."""

@@ -309,11 +309,24 @@ def decide(snapshot: Snapshot, position: int) -> Decision:
     return Wait(eviction.reason)
 
 
+def grants_at_once(model: ModelView, max_concurrent: int) -> bool:
+    """Say what decide() says for a request when nobody else waits: a Grant exactly when the model is
+    ready, takes new leases (no admin unload waits on it; with no other ticket none is at the head
+    to make it a swap's victim) and is below max_concurrent. The manager asks this for every request
+    first, without building a snapshot of every model; tests/test_scheduling.py checks the two agree.
+    """
+    return model.state is State.READY and not model.unloading and not _at_limit(model, max_concurrent)
+
+
+def _at_limit(model: ModelView, limit: int) -> bool:
+    return bool(limit) and model.leases >= limit
+
+
 def _lease_or_wait(snapshot: Snapshot, position: int, model: ModelView) -> Grant | Wait:
     if is_draining(snapshot, model.name):
         return Wait("the model drains for an unload or a swap")
     limit = snapshot.max_concurrent
-    if limit and model.leases >= limit:
+    if _at_limit(model, limit):
         return Wait(f"{limit} requests are running on the model (proxy.max_concurrent)")
     if limit and snapshot.queue.index(model.name) != position:
         return Wait("an earlier request for the model goes first")  # first come, first served

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.memory import Need
 from proxy.scheduling import (
@@ -28,6 +30,7 @@ from proxy.scheduling import (
     Wait,
     decide,
     eviction_for,
+    grants_at_once,
     head,
     is_draining,
     victim,
@@ -335,3 +338,17 @@ def test_a_remote_model_fits_whatever_the_budgets() -> None:
     assert head(snapshot) is None  # no local model waits: nobody holds the head
     assert eviction_for(snapshot, 0) == Fits()
     assert decide(snapshot, 0) == Start()
+
+
+# ----- the manager's shortcut when nobody waits ---------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(state=st.sampled_from(list(State)), leases=st.integers(0, 4), unloading=st.booleans(),
+       max_concurrent=st.integers(0, 3), others=st.lists(st.sampled_from(list(State)), max_size=3),
+       max_loaded=st.integers(1, 3))
+def test_grants_at_once_says_what_decide_says_for_a_lone_ticket(
+        state: State, leases: int, unloading: bool, max_concurrent: int, others: list[State], max_loaded: int) -> None:
+    model = ModelView("a", state, leases=leases if state is READY else 0, unloading=unloading)
+    rest = [ModelView(f"o{index}", other) for index, other in enumerate(others)]
+    snapshot = Snapshot({view.name: view for view in [model, *rest]}, ("a",), max_loaded, max_concurrent)
+    assert grants_at_once(model, max_concurrent) == isinstance(decide(snapshot, 0), Grant)
