@@ -72,13 +72,19 @@ def _get(pools: urllib3.PoolManager, url: str) -> urllib3.BaseHTTPResponse:
     return pools.request("GET", url, preload_content=False, timeout=5, retries=False)
 
 
+def _read_to_the_last_chunk(reader: Any) -> tuple[bytes, ChunkedDecoder]:
+    """Read a chunked body from its socket reader as the relay does; return the payload and the decoder."""
+    decoder, payload = ChunkedDecoder(), b""
+    while not decoder.done:
+        payload += decoder.feed(reader.read1(16384))
+    return payload, decoder
+
+
 def test_the_socket_under_a_chunked_response_is_reachable_and_decodes(server: str) -> None:
     with _get(urllib3.PoolManager(), server + "/chunked") as response:
         reader = chunked_socket_reader(response)
         assert reader is not None, "urllib3/http.client changed: chunked_socket_reader finds no socket reader"
-        decoder, payload = ChunkedDecoder(), b""
-        while not decoder.done:
-            payload += decoder.feed(reader.read1(16384))
+        payload, _ = _read_to_the_last_chunk(reader)
         assert payload == b"".join(EVENTS)
 
 
@@ -95,9 +101,7 @@ def test_a_stream_read_to_its_end_gives_its_connection_back_to_the_pool(server: 
         response = _get(pools, server + "/chunked")
         reader = chunked_socket_reader(response)
         assert reader is not None
-        decoder, payload = ChunkedDecoder(), b""
-        while not decoder.done:
-            payload += decoder.feed(reader.read1(16384))
+        payload, decoder = _read_to_the_last_chunk(reader)
         assert payload == b"".join(EVENTS) and not decoder.leftover
         give_back_connection(response)
         close_response(response)  # what the relay does at the end: harmless once given back
@@ -126,10 +130,7 @@ def test_a_kernel_read_timeout_gives_the_socket_its_own_timeout_back(server: str
     with kernel_read_timeout(response, 2.5):
         assert sock.gettimeout() is None  # blocking: the kernel keeps the timeout, no poll before each recv
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == struct.pack("@ll", 2, 500_000)
-        reader = chunked_socket_reader(response)
-        decoder = ChunkedDecoder()
-        while not decoder.done:
-            decoder.feed(reader.read1(16384))
+        _read_to_the_last_chunk(chunked_socket_reader(response))
     assert sock.gettimeout() == 7 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == bytes(16)
     give_back_connection(response)
     pools.clear()
